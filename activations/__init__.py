@@ -1,0 +1,1 @@
+"""Corpus -> tokens -> model -> hook -> on-disk activation cache."""

@@ -1,0 +1,173 @@
+"""The on-disk activation cache: manifest, shards, atomic writes, verification.
+
+A cache is a directory (DESIGN.md, "Activation cache"):
+  manifest.json                 settings, shard list with checksums, totals
+  acts-00000.npy  [n, d_in]     float16/float32 activations (memmappable)
+  tokens-00000.npy  [n, 3]      int32 (token id, sequence, position) per row
+
+A shard is listed in the manifest only after both of its files are written,
+fsynced and renamed into place, so a killed harvest never leaves a listed
+shard half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "vsae-activation-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKEN_COLUMNS = ("token", "sequence", "position")
+
+
+class CacheError(RuntimeError):
+    """A cache directory that cannot be used as asked; the message names the file and the fix."""
+
+
+def acts_file(index: int) -> str:
+    return f"acts-{index:05d}.npy"
+
+
+def tokens_file(index: int) -> str:
+    return f"tokens-{index:05d}.npy"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON to `path.tmp`, fsync, rename: readers see the old or the new file, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{cache_dir}: no {MANIFEST}; not an activation cache (make one with `vsae harvest`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path}: unreadable JSON ({e}); rerun the harvest with --overwrite") from e
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(
+            f"{path}: cache format version {manifest.get('format_version')}, this vsae reads "
+            f"version {FORMAT_VERSION}; re-harvest it"
+        )
+    return manifest
+
+
+def manifest_hash(manifest: dict) -> str:
+    """A short hash identifying a cache's content (settings + shard checksums)."""
+    keyed = {"settings": manifest["settings"], "shards": [s["sha256"] for s in manifest["shards"]]}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ShardWriter:
+    """Fills one shard's two memmapped `.tmp` files, then finalises them atomically."""
+
+    directory: Path
+    index: int
+    n_rows: int
+    d_in: int
+    dtype: str
+
+    def __post_init__(self) -> None:
+        self._acts_tmp = self.directory / (acts_file(self.index) + ".tmp")
+        self._tok_tmp = self.directory / (tokens_file(self.index) + ".tmp")
+        self.acts = np.lib.format.open_memmap(
+            self._acts_tmp, mode="w+", dtype=np.dtype(self.dtype), shape=(self.n_rows, self.d_in)
+        )
+        self.tokens = np.lib.format.open_memmap(
+            self._tok_tmp, mode="w+", dtype=np.int32, shape=(self.n_rows, len(TOKEN_COLUMNS))
+        )
+        self.sum_sq_norm = 0.0
+
+    def finalize(self) -> dict:
+        """Flush, fsync and rename both files into place; return the shard's manifest entry."""
+        self.sum_sq_norm = float(
+            np.square(self.acts, dtype=np.float64).sum() if self.n_rows else 0.0
+        )
+        entry = {"index": self.index, "n_tokens": self.n_rows, "sum_sq_norm": self.sum_sq_norm}
+        for arr, tmp, name, key in (
+            (self.acts, self._acts_tmp, acts_file(self.index), "sha256"),
+            (self.tokens, self._tok_tmp, tokens_file(self.index), "tokens_sha256"),
+        ):
+            arr.flush()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            entry[key] = sha256_file(tmp)
+            os.replace(tmp, self.directory / name)
+            entry["file" if key == "sha256" else "tokens_file"] = name
+        del self.acts, self.tokens  # close the memmaps
+        fsync_dir(self.directory)
+        return entry
+
+
+def verify_shard(cache_dir: Path, entry: dict, d_in: int, dtype: str, checksum: bool = True) -> str | None:
+    """None when the shard's files are complete and match the manifest, else what is wrong."""
+    for key, cols, dt in (
+        ("file", d_in, dtype),
+        ("tokens_file", len(TOKEN_COLUMNS), "int32"),
+    ):
+        path = cache_dir / entry[key]
+        if not path.is_file():
+            return f"{path.name} is missing"
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            return f"{path.name} is unreadable ({e})"
+        if arr.shape != (entry["n_tokens"], cols) or arr.dtype != np.dtype(dt):
+            return f"{path.name} has shape {arr.shape} {arr.dtype}, expected ({entry['n_tokens']}, {cols}) {dt}"
+        del arr
+        want = entry["sha256" if key == "file" else "tokens_sha256"]
+        if checksum and sha256_file(path) != want:
+            return f"{path.name} fails its sha256 check (corrupt)"
+    return None
+
+
+def open_shards(cache_dir: str | Path) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
+    """The manifest and read-only memmaps of every shard's activations and token rows."""
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    if not manifest.get("complete"):
+        raise CacheError(
+            f"{cache_dir}: the harvest is incomplete ({manifest['total_tokens']} of "
+            f"{manifest['settings']['tokens']} tokens); rerun the same `vsae harvest` command to finish it"
+        )
+    acts, toks = [], []
+    for entry in manifest["shards"]:
+        for key in ("file", "tokens_file"):
+            if not (cache_dir / entry[key]).is_file():
+                raise CacheError(f"{cache_dir / entry[key]} is missing; rerun the harvest to rebuild it")
+        acts.append(np.load(cache_dir / entry["file"], mmap_mode="r"))
+        toks.append(np.load(cache_dir / entry["tokens_file"], mmap_mode="r"))
+    return manifest, acts, toks

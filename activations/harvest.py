@@ -1,0 +1,321 @@
+"""Run a model over a corpus and cache one hook's activations to disk, resumably."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from activations.cache import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    TOKEN_COLUMNS,
+    CacheError,
+    ShardWriter,
+    read_manifest,
+    verify_shard,
+    write_json_atomic,
+)
+from activations.corpus import CorpusStats, corpus_documents, describe_corpus
+from activations.models import (
+    EMBEDDED_MODEL,
+    ModelSource,
+    check_hook,
+    default_hook,
+    load_model,
+    stop_layer,
+    tokenizer_id,
+)
+from activations.tokens import pack_contexts
+
+DTYPES = ("float16", "float32")
+
+
+@dataclass
+class HarvestConfig:
+    out: str
+    model: str = EMBEDDED_MODEL
+    model_path: str | None = None
+    hook: str | None = None  # None: blocks.{n_layers // 2}.hook_resid_post
+    corpus: list[str] = field(default_factory=lambda: ["shakespeare"])
+    tokens: int = 1_000_000
+    context: int = 128
+    dtype: str = "float16"
+    batch_size: int = 32
+    device: str = "cpu"
+    shard_tokens: int = 1 << 17
+    keep_bos: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class HarvestSummary:
+    out: str
+    tokens: int
+    shards: int
+    built_shards: int
+    bytes: int
+    seconds: float
+    tokens_per_second: float
+
+    def line(self) -> str:
+        return (
+            f"cache {self.out}: {self.tokens:,} tokens in {self.shards} shards "
+            f"({self.bytes / 1e6:,.1f} MB); built {self.built_shards} shards in "
+            f"{self.seconds:,.1f} s ({self.tokens_per_second:,.0f} tok/s)"
+        )
+
+
+def harvest(cfg: HarvestConfig) -> HarvestSummary:
+    """Write (or finish) the cache `cfg.out`; the same config always gives the same cache."""
+    _check_config(cfg)
+    out = Path(cfg.out)
+    _prepare_out_dir(out, cfg.overwrite)
+
+    source = ModelSource(cfg.model, cfg.model_path)
+    model = load_model(source, device=cfg.device)
+    hook = cfg.hook or default_hook(model)
+    check_hook(model, hook)
+    layer = stop_layer(model, hook)
+    d_in = _hook_width(model, hook, layer, cfg.device)
+
+    rows_per_seq = cfg.context - (0 if cfg.keep_bos else 1)
+    n_seqs = math.ceil(cfg.tokens / rows_per_seq)
+    shard_seqs = max(1, cfg.shard_tokens // rows_per_seq)
+    n_shards = math.ceil(n_seqs / shard_seqs)
+    settings = {
+        "model": source.describe(),
+        "hook_name": hook,
+        "corpus": describe_corpus(cfg.corpus),
+        "tokens": cfg.tokens,
+        "context": cfg.context,
+        "dtype": cfg.dtype,
+        "bos_dropped": not cfg.keep_bos,
+        "shard_sequences": shard_seqs,
+    }
+    manifest = _start_manifest(out, settings, cfg.overwrite)
+    manifest.update(
+        d_in=d_in, tokenizer=tokenizer_id(model, source), n_sequences=n_seqs,
+        rows_per_sequence=rows_per_seq, n_shards=n_shards, stop_at_layer=layer,
+        weight_processing="none (from_pretrained_no_processing)",
+        bos_token_id=model.tokenizer.bos_token_id,
+        harvest={"batch_size": cfg.batch_size, "device": cfg.device},
+    )
+    done = _verified_shards(out, manifest, d_in, cfg.dtype)
+    todo = [i for i in range(n_shards) if i not in done]
+    manifest["shards"] = [done[i] for i in sorted(done)]
+    _finish_manifest(manifest)
+    write_json_atomic(out / MANIFEST, manifest)
+
+    t0 = time.perf_counter()
+    built_tokens = 0
+    if todo:
+        stats = CorpusStats()
+        contexts = pack_contexts(corpus_documents(cfg.corpus, stats), model.tokenizer, cfg.context)
+        bar = tqdm(
+            total=n_seqs * rows_per_seq, initial=sum(e["n_tokens"] for e in done.values()),
+            unit="tok", unit_scale=True, desc=f"harvest {hook}", disable=not cfg.progress,
+            smoothing=0.1,
+        )
+        writer = ThreadPoolExecutor(max_workers=1)  # checksums and fsyncs overlap the forward
+        pending: Future | None = None
+        grab = _Grab()
+        try:
+            with torch.no_grad(), model.hooks(fwd_hooks=[(hook, grab)]):
+                for index in range(n_shards):
+                    first = index * shard_seqs
+                    n = min(shard_seqs, n_seqs - first)
+                    seqs = list(islice(contexts, n))
+                    if index not in todo:
+                        continue
+                    if len(seqs) < n:
+                        raise CacheError(
+                            f"corpus {' '.join(cfg.corpus)} gives only {first + len(seqs)} "
+                            f"contexts of {cfg.context} tokens, fewer than the {n_seqs} that "
+                            f"--tokens {cfg.tokens} needs; lower --tokens or add text"
+                        )
+                    shard = _run_shard(model, grab, layer, cfg, out, index, first, seqs, d_in, bar)
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(_commit_shard, shard, manifest, out)
+                    built_tokens += shard.n_rows
+            if pending is not None:
+                pending.result()
+        except OSError as e:
+            raise CacheError(f"cannot write the cache in {out}: {e}; free space or choose another --out") from e
+        finally:
+            writer.shutdown(wait=True)
+            bar.close()
+        manifest["corpus_stats"] = asdict(stats)
+    manifest["complete"] = True
+    _finish_manifest(manifest)
+    write_json_atomic(out / MANIFEST, manifest)
+    seconds = time.perf_counter() - t0
+    return HarvestSummary(
+        out=str(out), tokens=manifest["total_tokens"], shards=len(manifest["shards"]),
+        built_shards=len(todo),
+        bytes=sum((out / e[k]).stat().st_size for e in manifest["shards"] for k in ("file", "tokens_file")),
+        seconds=seconds, tokens_per_second=built_tokens / max(seconds, 1e-9),
+    )
+
+
+class _Grab:
+    """Forward hook that keeps the latest activation of its hook point."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, act: torch.Tensor, hook) -> None:
+        self.value = act
+
+
+def _run_shard(model, grab, layer, cfg, out, index, first, seqs, d_in, bar) -> ShardWriter:
+    """Forward one shard's sequences batch by batch into a `ShardWriter`'s memmaps."""
+    ctx = cfg.context
+    start = 0 if cfg.keep_bos else 1
+    rows = ctx - start
+    shard = ShardWriter(out, index, len(seqs) * rows, d_in, cfg.dtype)
+    tokens = torch.from_numpy(np.stack(seqs))
+    positions = np.arange(start, ctx, dtype=np.int32)
+    np_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    for b in range(0, len(seqs), cfg.batch_size):
+        batch = tokens[b : b + cfg.batch_size]
+        model(batch.to(cfg.device), stop_at_layer=layer)
+        act = grab.value[:, start:].reshape(len(batch), rows, -1)
+        lo, hi = b * rows, (b + len(batch)) * rows
+        shard.acts[lo:hi] = act.to(np_dtype).reshape(-1, d_in).cpu().numpy()
+        tok_rows = shard.tokens[lo:hi].reshape(len(batch), rows, len(TOKEN_COLUMNS))
+        tok_rows[:, :, 0] = batch[:, start:].numpy()
+        tok_rows[:, :, 1] = (first + b + np.arange(len(batch), dtype=np.int32))[:, None]
+        tok_rows[:, :, 2] = positions[None, :]
+        bar.update(hi - lo)
+    return shard
+
+
+def _commit_shard(shard: ShardWriter, manifest: dict, out: Path) -> None:
+    """Finalise a shard's files, then list it in the manifest (in that order, for crash safety)."""
+    manifest["shards"].append(shard.finalize())
+    manifest["shards"].sort(key=lambda e: e["index"])
+    _finish_manifest(manifest)
+    write_json_atomic(out / MANIFEST, manifest)
+
+
+def _finish_manifest(manifest: dict) -> None:
+    total = sum(e["n_tokens"] for e in manifest["shards"])
+    manifest["total_tokens"] = total
+    sq = sum(e["sum_sq_norm"] for e in manifest["shards"])
+    manifest["mean_squared_norm"] = sq / total if total else None
+
+
+def _check_config(cfg: HarvestConfig) -> None:
+    if cfg.tokens <= 0:
+        raise ValueError(f"--tokens must be a positive number of tokens, got {cfg.tokens}")
+    if cfg.context < 2:
+        raise ValueError(f"--context must be at least 2 tokens, got {cfg.context}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.batch_size <= 0:
+        raise ValueError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.shard_tokens <= 0:
+        raise ValueError(f"--shard-tokens must be positive, got {cfg.shard_tokens}")
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Make `out` (refusing directories that hold something other than a cache)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".vsae-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CacheError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable directory") from e
+    ours = [p for p in out.iterdir() if _is_cache_file(p)]
+    others = [p.name for p in out.iterdir() if not _is_cache_file(p)]
+    if others:
+        raise CacheError(
+            f"--out {out} holds files that are not part of an activation cache "
+            f"({', '.join(sorted(others)[:5])}); choose an empty or new directory"
+        )
+    if overwrite:
+        for p in ours:
+            p.unlink()
+    else:
+        for p in ours:
+            if p.name.endswith(".tmp"):
+                p.unlink()  # leftovers of a killed run: never listed, safe to drop
+
+
+def _is_cache_file(p: Path) -> bool:
+    name = p.name.removesuffix(".tmp")
+    return p.is_file() and (
+        name == MANIFEST or (name.startswith(("acts-", "tokens-")) and name.endswith(".npy"))
+    )
+
+
+def _start_manifest(out: Path, settings: dict, overwrite: bool) -> dict:
+    """The existing manifest when its settings match, else a fresh one (never a silent overwrite)."""
+    fresh = {"format": FORMAT, "format_version": FORMAT_VERSION, "settings": settings,
+             "shards": [], "complete": False}
+    if not (out / MANIFEST).exists():
+        if any(out.iterdir()):
+            if not overwrite:
+                raise CacheError(
+                    f"--out {out} holds shards but no {MANIFEST}; pass --overwrite to rebuild it"
+                )
+            for p in out.iterdir():
+                p.unlink()
+        return fresh
+    try:
+        old = read_manifest(out)
+    except CacheError:
+        if not overwrite:
+            raise
+        old = None
+    if old is not None and old["settings"] != settings:
+        diff = sorted(k for k in settings.keys() | old["settings"].keys()
+                      if settings.get(k) != old["settings"].get(k))
+        if not overwrite:
+            raise CacheError(
+                f"--out {out} holds a cache made with other settings (differs in: "
+                f"{', '.join(diff)}); pass --overwrite to replace it, or choose another --out"
+            )
+        old = None
+    if old is None:
+        for p in out.iterdir():
+            p.unlink()
+        return fresh
+    return old
+
+
+def _verified_shards(out: Path, manifest: dict, d_in: int, dtype: str) -> dict[int, dict]:
+    """Listed shards whose files check out; bad ones are named, deleted and rebuilt."""
+    good = {}
+    for entry in manifest["shards"]:
+        problem = verify_shard(out, entry, d_in, dtype)
+        if problem is None:
+            good[entry["index"]] = entry
+        else:
+            tqdm.write(f"shard {entry['index']}: {problem}; rebuilding it", file=sys.stderr)
+            for key in ("file", "tokens_file"):
+                (out / entry[key]).unlink(missing_ok=True)
+    return good
+
+
+def _hook_width(model, hook: str, layer: int | None, device: str) -> int:
+    grab = _Grab()
+    with torch.no_grad(), model.hooks(fwd_hooks=[(hook, grab)]):
+        bos = model.tokenizer.bos_token_id or 0
+        model(torch.tensor([[bos, bos]], device=device), stop_at_layer=layer)
+    if grab.value is None or grab.value.dim() < 3:
+        raise ValueError(f"hook {hook!r} does not give per-token activations; choose a residual or MLP hook")
+    return int(np.prod(grab.value.shape[2:]))

@@ -1,0 +1,196 @@
+"""The `vsae` command: one subcommand per stage of the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+HELP = {
+    "out": "output directory",
+    "model": "TransformerLens model name (e.g. pythia-70m-deduped), or vsae-tiny for the embedded model",
+    "model_path": "local Hugging Face checkpoint directory (overrides --model; needs no network)",
+    "hook": "hook point to cache (default: blocks.{n_layers//2}.hook_resid_post)",
+    "corpus": "shakespeare | stdlib | hf:NAME[:split[:column]] | .txt/.jsonl files or folders",
+    "tokens": "number of activation rows to cache (rounded up to whole contexts)",
+    "context": "tokens per context window, BOS included",
+    "dtype": "storage dtype of the activations",
+    "batch_size": "contexts per forward pass",
+    "device": "torch device (cpu, cuda, cuda:1, ...)",
+    "shard_tokens": "rows per shard file (rounded down to whole contexts)",
+    "keep_bos": "keep the BOS position of each context (dropped by default: its norm is an outlier)",
+    "overwrite": "replace an existing cache made with other settings",
+    "progress": "progress bars",
+}
+
+
+def _field_type(tp) -> tuple[type, bool]:
+    """(scalar type, is_list) of a dataclass field annotation such as `int`, `str | None`, `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                       choices: dict[str, tuple] | None = None, required: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field (`--field-name`), default and help taken from the dataclass."""
+    choices = choices or {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tp, is_list = _field_type(hints[f.name])
+        helptext = HELP.get(f.name, f.name.replace("_", " "))
+        if tp is bool:
+            if default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                    help=f"turn off: {helptext}")
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=helptext)
+            continue
+        parser.add_argument(
+            flag, dest=f.name, type=tp, nargs="+" if is_list else None,
+            default=None if f.name in required else default, required=f.name in required,
+            choices=choices.get(f.name), help=helptext,
+        )
+
+
+def _config(cls, args: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def cmd_build_tiny_model(args: argparse.Namespace) -> int:
+    from activations.tiny_model import TinyModelConfig, build_tiny_model, model_dir
+
+    cfg = _config(TinyModelConfig, args)
+    out = Path(args.out) if args.out else model_dir(cfg)
+    report = build_tiny_model(cfg, out)
+    print(f"model written to {out}: validation CE {report['val_ce']:.3f} nats/token "
+          f"(unigram baseline {report['unigram_ce']:.3f})")
+    return 0
+
+
+def cmd_harvest(args: argparse.Namespace) -> int:
+    from activations.harvest import HarvestConfig, harvest
+
+    print(harvest(_config(HarvestConfig, args)).line())
+    return 0
+
+
+def cmd_cache_info(args: argparse.Namespace) -> int:
+    from activations.cache import read_manifest, verify_shard
+
+    cache = Path(args.cache)
+    m = read_manifest(cache)
+    s = m["settings"]
+    if args.json:
+        print(json.dumps(m, indent=1, sort_keys=True))
+    else:
+        print(f"cache      {cache}")
+        print(f"model      {json.dumps(s['model'])}")
+        print(f"hook       {s['hook_name']} (d_in {m['d_in']}, {s['dtype']})")
+        print(f"corpus     {json.dumps(s['corpus'])}")
+        print(f"tokens     {m['total_tokens']:,} of {s['tokens']:,} "
+              f"({m['n_sequences']:,} contexts of {s['context']}, BOS dropped: {s['bos_dropped']})")
+        print(f"shards     {len(m['shards'])} of {m['n_shards']}; complete: {m['complete']}")
+        msn = m["mean_squared_norm"]
+        print(f"mean |x|^2 {msn:.6g}" if msn is not None else "mean |x|^2 n/a")
+        if m.get("corpus_stats"):
+            print(f"corpus     {json.dumps(m['corpus_stats'])}")
+    bad = 0
+    if not args.no_verify:
+        for entry in m["shards"]:
+            problem = verify_shard(cache, entry, m["d_in"], s["dtype"])
+            if problem:
+                bad += 1
+                print(f"BAD shard {entry['index']}: {problem}", file=sys.stderr)
+        print(f"checksums  {len(m['shards']) - bad} ok, {bad} bad", file=sys.stderr if args.json else sys.stdout)
+    return 1 if bad else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from activations.harvest import HarvestConfig, harvest
+    from activations.tiny_model import ensure_tiny_model
+
+    out = Path(args.out)
+    model_dir = ensure_tiny_model()
+    report = json.loads((model_dir / "vsae_model.json").read_text())
+    print(f"[1/2] embedded model {model_dir}: validation CE {report['val_ce']:.3f} "
+          f"(unigram {report['unigram_ce']:.3f})")
+    summary = harvest(HarvestConfig(out=str(out / "cache"), corpus=[args.corpus], tokens=args.tokens))
+    print(f"[2/2] {summary.line()}")
+    print("next stages (train, eval, dashboard) arrive with their issues; the cache above is their input")
+    return 0
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from activations.harvest import DTYPES, HarvestConfig
+    from activations.tiny_model import TinyModelConfig
+
+    parser = argparse.ArgumentParser(
+        prog="vsae", formatter_class=_Formatter,
+        description="Harvest LM activations, train and analyse sparse autoencoders, offline.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build-tiny-model", formatter_class=_Formatter,
+                       help="train the embedded default model (GPT-NeoX) on an embedded corpus",
+                       description="Train vsae's embedded GPT-NeoX model and its BPE tokenizer.")
+    add_dataclass_args(p, TinyModelConfig)
+    p.add_argument("--out", default=None, help="output directory (default: vsae's cache dir)")
+    p.set_defaults(func=cmd_build_tiny_model)
+
+    p = sub.add_parser("harvest", formatter_class=_Formatter, help="cache one hook's activations to disk",
+                       description="Run a model over a corpus and cache one hook's activations, resumably.")
+    add_dataclass_args(p, HarvestConfig, choices={"dtype": DTYPES}, required=("out",))
+    p.set_defaults(func=cmd_harvest)
+
+    p = sub.add_parser("cache-info", formatter_class=_Formatter, help="print a cache's manifest, verify checksums",
+                       description="Print an activation cache's manifest and verify its shard checksums.")
+    p.add_argument("cache", help="cache directory")
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum verification")
+    p.set_defaults(func=cmd_cache_info)
+
+    p = sub.add_parser("demo", formatter_class=_Formatter, help="the whole pipeline on the embedded default",
+                       description="Build the embedded model (first use), harvest its middle residual stream.")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--corpus", default="shakespeare", help="corpus to harvest")
+    p.add_argument("--tokens", type=int, default=500_000, help="tokens to harvest")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from activations.cache import CacheError
+    from activations.corpus import CorpusError
+    from activations.models import HookNameError, ModelLoadError
+
+    try:
+        return args.func(args)
+    except (CacheError, CorpusError, HookNameError, ModelLoadError, ValueError) as e:
+        print(f"vsae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vsae {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from activations.cache import CacheError, open_shards, read_manifest
+from activations.corpus import CorpusError
+from activations.harvest import HarvestConfig, harvest
+from activations.models import HookNameError, load_local_checkpoint
+from activations.tokens import pack_contexts
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def run(out: Path, checkpoint: Path, corpus: Path | list, **kw):
+    corpus = [str(c) for c in corpus] if isinstance(corpus, list) else [str(corpus)]
+    cfg = dict(out=str(out), model_path=str(checkpoint), hook=HOOK, corpus=corpus, tokens=1000,
+               context=32, dtype="float32", batch_size=4, shard_tokens=200, progress=False)
+    cfg.update(kw)
+    return harvest(HarvestConfig(**cfg))
+
+
+def cache_arrays(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    _, acts, toks = open_shards(out)
+    return np.concatenate(acts), np.concatenate(toks)
+
+
+def test_activations_equal_run_with_cache(tmp_path, tiny_checkpoint, text_corpus):
+    summary = run(tmp_path / "c", tiny_checkpoint, text_corpus)
+    acts, toks = cache_arrays(tmp_path / "c")
+    m = read_manifest(tmp_path / "c")
+    assert m["complete"] and m["total_tokens"] == summary.tokens == acts.shape[0] >= 1000
+    assert m["d_in"] == 32 and m["settings"]["bos_dropped"] and m["stop_at_layer"] == 2
+
+    model = load_local_checkpoint(tiny_checkpoint)
+    docs = [p.read_text() for p in sorted(text_corpus.glob("*.txt"))]
+    seqs = np.stack(list(pack_contexts(docs, model.tokenizer, 32))[: m["n_sequences"]])
+    tokens = torch.from_numpy(seqs)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=HOOK)
+    want = cache[HOOK][:, 1:].reshape(-1, 32).numpy()
+    np.testing.assert_array_equal(acts, want)  # exact in float32
+    np.testing.assert_array_equal(toks[:, 0], seqs[:, 1:].reshape(-1))
+    np.testing.assert_array_equal(toks[:, 1], np.repeat(np.arange(len(seqs)), 31))
+    np.testing.assert_array_equal(toks[:, 2], np.tile(np.arange(1, 32), len(seqs)))
+    assert m["mean_squared_norm"] == pytest.approx(float((want.astype(np.float64) ** 2).sum(1).mean()), rel=1e-9)
+
+
+def test_keep_bos_and_float16(tmp_path, tiny_checkpoint, text_corpus):
+    run(tmp_path / "c", tiny_checkpoint, text_corpus, keep_bos=True, dtype="float16", tokens=320)
+    acts, toks = cache_arrays(tmp_path / "c")
+    assert acts.dtype == np.float16 and acts.shape == (320, 32)
+    assert (toks[toks[:, 2] == 0, 0] == 0).all()  # BOS rows kept at position 0
+
+
+def test_interrupted_harvest_resumes_to_identical_cache(tmp_path, tiny_checkpoint, text_corpus, monkeypatch):
+    run(tmp_path / "full", tiny_checkpoint, text_corpus)
+    import activations.harvest as h
+
+    real = h._commit_shard
+    calls = []
+
+    def dies_on_third(shard, manifest, out):
+        calls.append(shard.index)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed after two shards were committed, one in flight
+        real(shard, manifest, out)
+
+    monkeypatch.setattr(h, "_commit_shard", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "part", tiny_checkpoint, text_corpus)
+    monkeypatch.setattr(h, "_commit_shard", real)
+    m = read_manifest(tmp_path / "part")
+    assert not m["complete"] and len(m["shards"]) == 2
+    with pytest.raises(CacheError, match="incomplete"):
+        open_shards(tmp_path / "part")
+    summary = run(tmp_path / "part", tiny_checkpoint, text_corpus)
+    assert summary.built_shards == m["n_shards"] - 2
+    for a, b in zip(cache_arrays(tmp_path / "full"), cache_arrays(tmp_path / "part"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert read_manifest(tmp_path / "full")["shards"] == read_manifest(tmp_path / "part")["shards"]
+
+
+def test_truncated_shard_is_named_and_rebuilt(tmp_path, tiny_checkpoint, text_corpus, capsys):
+    out = tmp_path / "c"
+    run(out, tiny_checkpoint, text_corpus)
+    before = cache_arrays(out)
+    victim = out / "acts-00001.npy"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    summary = run(out, tiny_checkpoint, text_corpus)
+    assert "acts-00001.npy" in capsys.readouterr().err
+    assert summary.built_shards == 1
+    for a, b in zip(before, cache_arrays(out), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_other_settings_are_never_overwritten_silently(tmp_path, tiny_checkpoint, text_corpus):
+    out = tmp_path / "c"
+    run(out, tiny_checkpoint, text_corpus)
+    with pytest.raises(CacheError, match="differs in: context.*--overwrite"):
+        run(out, tiny_checkpoint, text_corpus, context=16)
+    assert read_manifest(out)["settings"]["context"] == 32
+    run(out, tiny_checkpoint, text_corpus, context=16, overwrite=True)
+    assert read_manifest(out)["settings"]["context"] == 16
+
+
+def test_same_command_twice_builds_nothing(tmp_path, tiny_checkpoint, text_corpus):
+    run(tmp_path / "c", tiny_checkpoint, text_corpus)
+    assert run(tmp_path / "c", tiny_checkpoint, text_corpus).built_shards == 0
+
+
+def test_bad_inputs_fail_with_one_clear_error(tmp_path, tiny_checkpoint, text_corpus):
+    with pytest.raises(ValueError, match="--tokens must be a positive"):
+        run(tmp_path / "a", tiny_checkpoint, text_corpus, tokens=0)
+    with pytest.raises(HookNameError, match="blocks.1.hook_resid_post"):
+        run(tmp_path / "b", tiny_checkpoint, text_corpus, hook="blocks.1.hook_resid_psot")
+    with pytest.raises(CorpusError):
+        run(tmp_path / "c", tiny_checkpoint, tmp_path / "no-such-corpus")
+    with pytest.raises(CacheError, match="fewer than"):
+        run(tmp_path / "d", tiny_checkpoint, text_corpus, tokens=10_000_000)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CacheError, match="cannot write to --out"):
+        run(blocker / "sub", tiny_checkpoint, text_corpus)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not part of an activation cache"):
+        run(foreign, tiny_checkpoint, text_corpus)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_empty_corpus(tmp_path, tiny_checkpoint):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("")
+    with pytest.raises(CorpusError, match="empty"):
+        run(tmp_path / "c", tiny_checkpoint, empty)
+
+
+def test_non_utf8_text_is_decoded_and_counted(tmp_path, tiny_checkpoint, text_corpus):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "latin1.txt").write_bytes("caf\xe9 cr\xe8me br\xfbl\xe9e ".encode("latin-1") * 200)
+    run(tmp_path / "c", tiny_checkpoint, [bad, text_corpus], tokens=200)
+    stats = read_manifest(tmp_path / "c")["corpus_stats"]
+    assert stats["n_files_with_bad_utf8"] == 1 and stats["n_replacement_chars"] > 0
+
+
+def test_manifest_is_json_with_reproduction_settings(tmp_path, tiny_checkpoint, text_corpus):
+    run(tmp_path / "c", tiny_checkpoint, text_corpus)
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    for key in ("model", "hook_name", "corpus", "tokens", "context", "dtype", "bos_dropped"):
+        assert key in m["settings"]
+    assert all(len(s["sha256"]) == 64 for s in m["shards"])
