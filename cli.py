@@ -14,7 +14,7 @@ HELP = {
     "out": "output directory",
     "model": "TransformerLens model name (e.g. pythia-70m-deduped), or vsae-tiny for the embedded model",
     "model_path": "local Hugging Face checkpoint directory (overrides --model; needs no network)",
-    "hook": "hook point to cache (default: blocks.{n_layers//2}.hook_resid_post)",
+    "hook": "hook point to cache; None means blocks.{n_layers//2}.hook_resid_post",
     "corpus": "shakespeare | stdlib | hf:NAME[:split[:column]] | .txt/.jsonl files or folders",
     "tokens": "number of activation rows to cache (rounded up to whole contexts)",
     "context": "tokens per context window, BOS included",
@@ -48,7 +48,12 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default, required = None, (*required, f.name)
         tp, is_list = _field_type(hints[f.name])
         helptext = HELP.get(f.name, f.name.replace("_", " "))
         if tp is bool:
@@ -100,7 +105,8 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
         print(f"cache      {cache}")
         print(f"model      {json.dumps(s['model'])}")
         print(f"hook       {s['hook_name']} (d_in {m['d_in']}, {s['dtype']})")
-        print(f"corpus     {json.dumps(s['corpus'])}")
+        corpus = {k: (f"{len(v)} files" if k == "files" else v) for k, v in s["corpus"].items()}
+        print(f"corpus     {json.dumps(corpus)}")
         print(f"tokens     {m['total_tokens']:,} of {s['tokens']:,} "
               f"({m['n_sequences']:,} contexts of {s['context']}, BOS dropped: {s['bos_dropped']})")
         print(f"shards     {len(m['shards'])} of {m['n_shards']}; complete: {m['complete']}")

@@ -34,7 +34,8 @@ class ModelSource:
 
     def describe(self) -> dict:
         if self.path is not None:
-            return {"kind": "local", "name": self.name, "path": str(Path(self.path).resolve())}
+            path = Path(self.path).resolve()
+            return {"kind": "local", "name": path.name, "path": str(path)}
         if self.name == EMBEDDED_MODEL:
             return {"kind": "embedded", "name": self.name}
         return {"kind": "hub", "name": self.name}
