@@ -35,6 +35,7 @@ from activations.models import (
     stop_layer,
     tokenizer_id,
 )
+from activations.prefetch import background
 from activations.tokens import pack_contexts
 
 DTYPES = ("float16", "float32")
@@ -121,7 +122,11 @@ def harvest(cfg: HarvestConfig) -> HarvestSummary:
     built_tokens = 0
     if todo:
         stats = CorpusStats()
-        contexts = pack_contexts(corpus_documents(cfg.corpus, stats), model.tokenizer, cfg.context)
+        # Tokenization runs a few shards ahead in a thread, overlapped with the forward.
+        contexts = background(
+            pack_contexts(corpus_documents(cfg.corpus, stats), model.tokenizer, cfg.context),
+            depth=4 * shard_seqs, name="vsae-tokenize",
+        )
         bar = tqdm(
             total=n_seqs * rows_per_seq, initial=sum(e["n_tokens"] for e in done.values()),
             unit="tok", unit_scale=True, desc=f"harvest {hook}", disable=not cfg.progress,

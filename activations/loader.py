@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import numpy as np
 import torch
 
 from activations.cache import open_shards
+from activations.prefetch import background
 
 SPLITS = ("train", "eval", "all")
 
@@ -106,45 +105,12 @@ class ActivationLoader:
         epoch = self.epoch
         self.epoch += 1
         pin = self.device.type == "cuda"
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
-        done = object()
+        for x, toks in background(self._host_batches(epoch, pin), depth=self.prefetch):
+            x = x.to(self.device, non_blocking=pin)
+            yield (x, toks) if self.with_tokens else x
 
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                for rows in self.batch_rows(epoch):
-                    acts, toks = self.gather(rows)
-                    x = torch.from_numpy(acts).to(self.dtype)
-                    if pin:
-                        x = x.pin_memory()
-                    if not put((x, torch.from_numpy(toks)) if self.with_tokens else x):
-                        return
-                put(done)
-            except BaseException as e:  # surfaced in the consumer, not lost in the thread
-                put(e)
-
-        thread = threading.Thread(target=produce, daemon=True, name="vsae-prefetch")
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                if self.with_tokens:
-                    yield item[0].to(self.device, non_blocking=pin), item[1]
-                else:
-                    yield item.to(self.device, non_blocking=pin)
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+    def _host_batches(self, epoch: int, pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for rows in self.batch_rows(epoch):
+            acts, toks = self.gather(rows)
+            x = torch.from_numpy(acts).to(self.dtype)
+            yield (x.pin_memory() if pin else x), torch.from_numpy(toks)
