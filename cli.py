@@ -25,6 +25,20 @@ HELP = {
     "keep_bos": "keep the BOS position of each context (dropped by default: its norm is an outlier)",
     "overwrite": "replace an existing cache made with other settings",
     "progress": "progress bars",
+    "variant": "SAE variant",
+    "d_sae": "number of latents",
+    "steps": "optimiser steps (unset: from --tokens, else one epoch of the training split)",
+    "lr": "learning rate (unset: 2e-4 / sqrt(d_sae / 2^14))",
+    "pre_bias": "subtract b_dec from the input",
+    "decoder": "unit: rows renormalised each step; free: 0.1-norm init, never renormalised",
+    "aux_k_coef": "AuxK coefficient (0 turns it off)",
+    "k_aux": "AuxK latents (unset: d_in // 2)",
+    "dead_after": "tokens without firing before a latent counts as dead (unset: min(10M, run tokens / 5))",
+    "sample": "vsae: sample z = mu + sigma * eps in training",
+    "variance": "vsae: fixed (sigma = 1) or learned log-variance head",
+    "kl_coef": "vsae: KL weight",
+    "kl_warmup": "vsae: fraction of steps of linear KL warm-up",
+    "eval_fraction": "fraction of sequences held out for evaluation",
 }
 
 
@@ -40,8 +54,13 @@ def _field_type(tp) -> tuple[type, bool]:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
-                       choices: dict[str, tuple] | None = None, required: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field (`--field-name`), default and help taken from the dataclass."""
+                       choices: dict[str, tuple] | None = None, required: tuple[str, ...] = (),
+                       explicit_only: bool = False) -> None:
+    """One flag per dataclass field (`--field-name`), default and help taken from the dataclass.
+
+    With `explicit_only`, flags the user did not give stay out of the namespace (so
+    a preset can fill them); the dataclass default is still shown in the help.
+    """
     choices = choices or {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -56,18 +75,22 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
             default, required = None, (*required, f.name)
         tp, is_list = _field_type(hints[f.name])
         helptext = HELP.get(f.name, f.name.replace("_", " "))
-        if tp is bool:
-            if default:
-                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                    help=f"turn off: {helptext}")
-            else:
-                parser.add_argument(flag, dest=f.name, action="store_true", help=helptext)
-            continue
-        parser.add_argument(
-            flag, dest=f.name, type=tp, nargs="+" if is_list else None,
-            default=None if f.name in required else default, required=f.name in required,
-            choices=choices.get(f.name), help=helptext,
-        )
+        if explicit_only:
+            helptext, default = f"{helptext} (default: {default})", argparse.SUPPRESS
+        if tp is bool and default is None:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{helptext}; unset: chosen per device")
+        elif tp is bool:
+            on = f.default
+            parser.add_argument(("--no-" + flag[2:]) if on else flag, dest=f.name,
+                                action="store_false" if on else "store_true", default=default,
+                                help=f"turn off: {helptext}" if on else helptext)
+        else:
+            parser.add_argument(
+                flag, dest=f.name, type=tp, nargs="+" if is_list else None,
+                default=None if f.name in required else default, required=f.name in required,
+                choices=choices.get(f.name), help=helptext,
+            )
 
 
 def _config(cls, args: argparse.Namespace):
@@ -125,6 +148,48 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+    import tomllib
+
+    from vsae.config import SAEConfig, TrainConfig, apply_preset
+    from vsae.trainer import train
+
+    given = vars(args)
+    sae_cfg, train_cfg = SAEConfig(), TrainConfig()
+    if args.preset:
+        sae_cfg, train_cfg = apply_preset(args.preset, sae_cfg, train_cfg)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    sae_fields = {f.name for f in dataclasses.fields(SAEConfig)}
+    train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in given.items() if k in train_fields})
+    sae_cfg = dataclasses.replace(sae_cfg, **{k: v for k, v in given.items() if k in sae_fields})
+    ks = [int(k) for k in str(args.k).split(",")] if args.k is not None else [sae_cfg.k]
+    sae_cfgs = [dataclasses.replace(sae_cfg, k=k) for k in ks]
+    if args.sweep:
+        with open(args.sweep, "rb") as f:
+            sweep = tomllib.load(f).get("sae", [])
+        if not sweep:
+            raise ValueError(f"--sweep {args.sweep}: no [[sae]] tables; each one lists the fields it changes")
+        sae_cfgs = [dataclasses.replace(c, **overrides) for c in sae_cfgs for overrides in sweep]
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+
+        cuda = train_cfg.device.startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            train_cfg = dataclasses.replace(train_cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+    try:
+        paths = train(train_cfg, sae_cfgs, resume=args.resume, rank=rank, world_size=world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if rank == 0:
+        for p in paths:
+            print(f"run written to {p}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from activations.harvest import HarvestConfig, harvest
     from activations.tiny_model import ensure_tiny_model
@@ -147,6 +212,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from activations.harvest import DTYPES, HarvestConfig
     from activations.tiny_model import TinyModelConfig
+    from vsae.config import B_DEC_INITS, DECODERS, PRESETS, VARIANCES, SAEConfig, TrainConfig
+    from vsae.variants import VARIANTS
 
     parser = argparse.ArgumentParser(
         prog="vsae", formatter_class=_Formatter,
@@ -165,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a model over a corpus and cache one hook's activations, resumably.")
     add_dataclass_args(p, HarvestConfig, choices={"dtype": DTYPES}, required=("out",))
     p.set_defaults(func=cmd_harvest)
+
+    p = sub.add_parser("train", formatter_class=_Formatter, help="train SAEs on a cache (several in one pass)",
+                       description="Train TopK / vSAE SAEs on an activation cache; several configs share each batch. "
+                                   "Distributed: torchrun --nproc_per_node N $(which vsae) train ...")
+    add_dataclass_args(p, TrainConfig, explicit_only=True, skip=("cache",))
+    add_dataclass_args(p, SAEConfig, explicit_only=True, skip=("k",),
+                       choices={"variant": tuple(VARIANTS), "decoder": DECODERS, "variance": VARIANCES,
+                                "b_dec_init": B_DEC_INITS})
+    p.add_argument("--cache", required=True, help="activation cache directory (from vsae harvest)")
+    p.add_argument("--k", default=None, help="active latents per token; a comma list trains one SAE each (default: 64)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="the paper's arms as its code ran them; explicit flags override it")
+    p.add_argument("--sweep", default=None, help="TOML file of [[sae]] tables, each a config trained in the same pass")
+    p.add_argument("--resume", action="store_true", help="continue the run(s) in --out")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cache-info", formatter_class=_Formatter, help="print a cache's manifest, verify checksums",
                        description="Print an activation cache's manifest and verify its shard checksums.")
@@ -187,10 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     from activations.cache import CacheError
     from activations.corpus import CorpusError
     from activations.models import HookNameError, ModelLoadError
+    from vsae.checkpoint import CheckpointError
+    from vsae.run import RunError
+    from vsae.trainer import NonFiniteLoss
 
     try:
         return args.func(args)
-    except (CacheError, CorpusError, HookNameError, ModelLoadError, ValueError) as e:
+    except (CacheError, CorpusError, HookNameError, ModelLoadError, ValueError, RunError, CheckpointError,
+            NonFiniteLoss) as e:
         print(f"vsae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

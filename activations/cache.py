@@ -171,3 +171,43 @@ def open_shards(cache_dir: str | Path) -> tuple[dict, list[np.ndarray], list[np.
         acts.append(np.load(cache_dir / entry["file"], mmap_mode="r"))
         toks.append(np.load(cache_dir / entry["tokens_file"], mmap_mode="r"))
     return manifest, acts, toks
+
+
+def write_array_cache(out: str | Path, acts: np.ndarray, context: int, description: dict,
+                      shard_tokens: int = 1 << 17) -> dict:
+    """Write in-memory activations `[n_sequences * (context - 1), d_in]` as a cache (tests, synthetic data).
+
+    Rows are grouped into sequences of `context - 1` (BOS dropped), token ids are 0.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_per_seq = context - 1
+    if acts.ndim != 2 or acts.shape[0] % rows_per_seq:
+        raise ValueError(f"acts must be [n * {rows_per_seq}, d_in], got {acts.shape}")
+    n_seqs, d_in = acts.shape[0] // rows_per_seq, acts.shape[1]
+    shard_seqs = max(1, shard_tokens // rows_per_seq)
+    dtype = str(acts.dtype)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": True, "shards": [],
+                "settings": {"model": description, "hook_name": description.get("hook_name", "synthetic"),
+                             "corpus": {"kind": "synthetic"}, "tokens": int(acts.shape[0]), "context": context,
+                             "dtype": dtype, "bos_dropped": True, "shard_sequences": shard_seqs},
+                "d_in": d_in, "n_sequences": n_seqs, "rows_per_sequence": rows_per_seq,
+                "n_shards": -(-n_seqs // shard_seqs), "tokenizer": "none", "bos_token_id": 0}
+    for index, first in enumerate(range(0, n_seqs, shard_seqs)):
+        n = min(shard_seqs, n_seqs - first)
+        shard = ShardWriter(out, index, n * rows_per_seq, d_in, dtype)
+        shard.acts[:] = acts[first * rows_per_seq : (first + n) * rows_per_seq]
+        seq = np.repeat(np.arange(first, first + n, dtype=np.int32), rows_per_seq)
+        shard.tokens[:] = np.stack([np.zeros_like(seq), seq, np.tile(np.arange(1, context, dtype=np.int32), n)], 1)
+        manifest["shards"].append(shard.finalize())
+    update_totals(manifest)
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def update_totals(manifest: dict) -> None:
+    """Recompute total tokens and the mean squared norm from the listed shards."""
+    total = sum(e["n_tokens"] for e in manifest["shards"])
+    manifest["total_tokens"] = total
+    sq = sum(e["sum_sq_norm"] for e in manifest["shards"])
+    manifest["mean_squared_norm"] = sq / total if total else None

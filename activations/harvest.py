@@ -22,6 +22,7 @@ from activations.cache import (
     CacheError,
     ShardWriter,
     read_manifest,
+    update_totals,
     verify_shard,
     write_json_atomic,
 )
@@ -115,7 +116,7 @@ def harvest(cfg: HarvestConfig) -> HarvestSummary:
     done = _verified_shards(out, manifest, d_in, cfg.dtype)
     todo = [i for i in range(n_shards) if i not in done]
     manifest["shards"] = [done[i] for i in sorted(done)]
-    _finish_manifest(manifest)
+    update_totals(manifest)
     write_json_atomic(out / MANIFEST, manifest)
 
     t0 = time.perf_counter()
@@ -163,7 +164,7 @@ def harvest(cfg: HarvestConfig) -> HarvestSummary:
             bar.close()
         manifest["corpus_stats"] = asdict(stats)
     manifest["complete"] = True
-    _finish_manifest(manifest)
+    update_totals(manifest)
     write_json_atomic(out / MANIFEST, manifest)
     seconds = time.perf_counter() - t0
     return HarvestSummary(
@@ -211,15 +212,8 @@ def _commit_shard(shard: ShardWriter, manifest: dict, out: Path) -> None:
     """Finalise a shard's files, then list it in the manifest (in that order, for crash safety)."""
     manifest["shards"].append(shard.finalize())
     manifest["shards"].sort(key=lambda e: e["index"])
-    _finish_manifest(manifest)
+    update_totals(manifest)
     write_json_atomic(out / MANIFEST, manifest)
-
-
-def _finish_manifest(manifest: dict) -> None:
-    total = sum(e["n_tokens"] for e in manifest["shards"])
-    manifest["total_tokens"] = total
-    sq = sum(e["sum_sq_norm"] for e in manifest["shards"])
-    manifest["mean_squared_norm"] = sq / total if total else None
 
 
 def _check_config(cfg: HarvestConfig) -> None:

@@ -109,6 +109,34 @@ class ActivationLoader:
             x = x.to(self.device, non_blocking=pin)
             yield (x, toks) if self.with_tokens else x
 
+    def stream(self, start_batch: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+        """Endless full batches across epochs, from global batch number `start_batch` on.
+
+        For training: batch i is the same whatever the start, so a resumed run sees
+        the batches an uninterrupted one would (skipped batches are never read). The
+        last partial batch of each epoch is dropped. With `world_size` > 1, rank r
+        gets rows r, r + world_size, ... of every global batch.
+        """
+        per_epoch = self.n_tokens // self.batch_size
+        if per_epoch == 0:
+            raise ValueError(f"the {self.n_tokens} rows of this split do not fill one batch of {self.batch_size}")
+        pin = self.device.type == "cuda"
+
+        def host() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            epoch, skip = divmod(start_batch, per_epoch)
+            while True:
+                for i, rows in enumerate(self.batch_rows(epoch)):
+                    if i >= per_epoch:
+                        break
+                    if i >= skip:
+                        acts, _ = self.gather(rows[rank::world_size])
+                        x = torch.from_numpy(acts).to(self.dtype)
+                        yield (x.pin_memory() if pin else x), torch.empty(0)
+                epoch, skip = epoch + 1, 0
+
+        for x, _ in background(host(), depth=self.prefetch):
+            yield x.to(self.device, non_blocking=pin)
+
     def _host_batches(self, epoch: int, pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for rows in self.batch_rows(epoch):
             acts, toks = self.gather(rows)

@@ -1,1 +1,1 @@
-"""Placeholder package; see DESIGN.md."""
+"""Sparse autoencoders (TopK, variational TopK), their trainer and checkpoints."""

@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from vsae.config import SAEConfig
+from vsae.variants import VariationalTopKSAE, build_sae, gaussian_kl, geometric_median
+
+
+def test_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(32, 20, generator=g, dtype=torch.float64) * 3
+    logvar = torch.empty(32, 20, dtype=torch.float64).uniform_(-6, 2, generator=g)
+    want = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(-1).mean()
+    torch.testing.assert_close(gaussian_kl(mu, logvar), want)
+
+
+def test_fixed_variance_kl_is_half_squared_norm():
+    mu = torch.randn(16, 10).relu() * 4
+    torch.testing.assert_close(gaussian_kl(mu, None), 0.5 * mu.clamp(max=10).pow(2).sum(-1).mean())
+    torch.testing.assert_close(gaussian_kl(mu, torch.zeros_like(mu)), gaussian_kl(mu, None))
+
+
+def test_sampling_is_random_in_training_and_deterministic_at_eval():
+    cfg = SAEConfig(variant="vsae", d_sae=64, k=8, sample=True, variance="learned")
+    sae = build_sae(cfg, 16, torch.Generator().manual_seed(0))
+    x = torch.randn(10, 16)
+    g = torch.Generator().manual_seed(1)
+    a = sae.training_latents(sae.encoder_input(x), 0.5, g)
+    b = sae.training_latents(sae.encoder_input(x), 0.5, g)
+    assert not torch.equal(a[0], b[0])
+    e1, e2 = sae.encode(x), sae.encode(x)
+    assert torch.equal(e1[0], e2[0]) and torch.equal(e1[1], e2[1])
+
+
+def test_vsae_without_sampling_selects_like_topk():
+    torch.manual_seed(0)
+    vs = build_sae(SAEConfig(variant="vsae", d_sae=64, k=8), 16)
+    x = torch.randn(10, 16)
+    vals, idx, _, terms = vs.training_latents(vs.encoder_input(x), 1.0, None)
+    ev, ei = vs.encode(x)
+    torch.testing.assert_close(vals.detach().sort(1).values, ev.sort(1).values)
+    torch.testing.assert_close(terms["kl"], 0.5 * vs.pre_activations(vs.encoder_input(x)).relu().pow(2).sum(-1).mean())
+
+
+def test_kl_warmup_is_linear():
+    vs = build_sae(SAEConfig(variant="vsae", d_sae=32, k=4, kl_warmup=0.1, kl_coef=2.0), 8)
+    x = torch.randn(5, 8)
+    full = vs.loss_terms(x, 1.0, None)[0]["kl"]
+    half = vs.loss_terms(x, 0.05, None)[0]["kl"]
+    torch.testing.assert_close(half, 0.5 * full)
+
+
+@pytest.mark.parametrize("variant,pre_bias", [("topk", True), ("topk", False), ("vsae", True)])
+def test_sparse_and_dense_paths_agree(variant, pre_bias):
+    cfg = SAEConfig(variant=variant, d_sae=128, k=8, pre_bias=pre_bias, aux_k_coef=1 / 32)
+    a = build_sae(cfg, 24, torch.Generator().manual_seed(0)).double()
+    b = build_sae(cfg, 24, torch.Generator().manual_seed(0)).double()
+    with torch.no_grad():
+        a.b_dec.normal_()
+        b.b_dec.copy_(a.b_dec)
+    b.sparse = False
+    x = torch.randn(40, 24, dtype=torch.float64)
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[64:] = True
+    for sae in (a, b):
+        terms, _, _ = sae.loss_terms(x, 0.5, dead)
+        assert set(terms) >= {"mse", "auxk"}
+        sum(terms.values()).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+@pytest.mark.parametrize("pre_bias", [True, False])
+def test_export_folds_the_normalisation_scale(pre_bias):
+    sae = build_sae(SAEConfig(d_sae=64, k=6, pre_bias=pre_bias), 16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.1)
+    scale = 7.5
+    raw = torch.randn(20, 16) * scale
+    w = sae.export(scale)
+    torch.testing.assert_close(w.decode(w.encode(raw)), sae.reconstruct(raw / scale) * scale, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_parallel_gradient_removed_and_rows_renormalised():
+    sae = build_sae(SAEConfig(d_sae=32, k=4), 8)
+    sae.W_dec.grad = torch.randn(32, 8)
+    sae.before_step()
+    assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.after_step()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
+
+
+def test_free_decoder_starts_at_norm_point_one_and_is_left_alone():
+    sae = build_sae(SAEConfig(variant="vsae", d_sae=32, k=4, decoder="free"), 8)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((32,), 0.1))
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.after_step()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((32,), 0.3))
+
+
+def test_learned_variance_head_init():
+    sae = build_sae(SAEConfig(variant="vsae", d_sae=32, k=4, variance="learned"), 8)
+    assert isinstance(sae, VariationalTopKSAE)
+    torch.testing.assert_close(sae.b_var, torch.full((32,), -2.0))
+    lv = sae.log_variance(torch.randn(4, 8) * 100)
+    assert lv.min() >= -6 and lv.max() <= 2
+
+
+def test_geometric_median_resists_outliers():
+    pts = torch.cat([torch.randn(200, 3) * 0.01 + 1.0, torch.full((20, 3), 1000.0)])
+    assert (geometric_median(pts) - 1.0).abs().max() < 0.05
+    assert pts.mean(0).min() > 50
+
+
+@pytest.mark.parametrize("bad,match", [(dict(k=0), "k must be"), (dict(k=65), "k must be"),
+                                       (dict(variant="nope"), "unknown variant"), (dict(decoder="x"), "decoder")])
+def test_bad_sae_configs(bad, match):
+    with pytest.raises(ValueError, match=match):
+        build_sae(SAEConfig(d_sae=64, **bad), 8)
+
+
+def test_lr_schedule():
+    from vsae.config import lr_at
+
+    lrs = [lr_at(s, 1000, 1.0, 50, 0.8) for s in range(1000)]
+    assert lrs[0] == pytest.approx(1 / 50) and lrs[49] == 1.0 and lrs[500] == 1.0
+    assert lrs[900] == pytest.approx(0.5) and lrs[-1] == pytest.approx(1 / 200)
+    assert all(math.isfinite(v) for v in lrs)

@@ -1,0 +1,128 @@
+"""Dataclass configs of an SAE and of a training run, and the paper's presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+DECODERS = ("unit", "free")
+VARIANCES = ("fixed", "learned")
+B_DEC_INITS = ("geometric_median", "mean", "zero")
+
+
+@dataclass
+class SAEConfig:
+    """One SAE. Every switch is independent of the variant (DESIGN.md, "SAE variants")."""
+
+    variant: str = "topk"
+    d_sae: int = 8192
+    k: int = 64
+    pre_bias: bool = True  # subtract b_dec from the input (else b_dec is only an output bias)
+    # unit: rows renormalised each step, parallel gradient removed; free: 0.1-norm init, never renormalised
+    decoder: str = "unit"
+    b_dec_init: str = "geometric_median"
+    aux_k_coef: float = 1 / 32  # 0 turns AuxK off
+    k_aux: int | None = None  # None: d_in // 2
+    dead_after: int | None = None  # tokens without firing; None: min(10M, run tokens // 5)
+    sample: bool = False  # vsae: z = mu + sigma * eps in training
+    variance: str = "fixed"  # vsae: fixed sigma = 1, or a learned log-variance head
+    kl_coef: float = 1.0  # vsae
+    kl_warmup: float = 0.1  # vsae: fraction of steps of linear KL warm-up
+
+    def validate(self, d_in: int | None = None) -> None:
+        from vsae.variants import VARIANTS
+
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.d_sae <= 0:
+            raise ValueError(f"d_sae must be positive, got {self.d_sae}")
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
+        for name, value, allowed in (("decoder", self.decoder, DECODERS), ("variance", self.variance, VARIANCES),
+                                     ("b_dec_init", self.b_dec_init, B_DEC_INITS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.aux_k_coef < 0 or self.kl_coef < 0 or not 0 <= self.kl_warmup <= 1:
+            raise ValueError("aux_k_coef and kl_coef must be >= 0 and kl_warmup in [0, 1]")
+        if self.k_aux is not None and self.k_aux <= 0:
+            raise ValueError(f"k_aux must be positive, got {self.k_aux}")
+
+    def label(self, group: list[SAEConfig]) -> str:
+        """A short name from the fields that vary across `group` (for sweep run directories)."""
+        varying = [f.name for f in fields(self) if len({repr(getattr(c, f.name)) for c in group}) > 1]
+        parts = [str(getattr(self, n)) if n == "variant" else f"{n.replace('_', '')}{getattr(self, n)}"
+                 for n in varying]
+        return "-".join(parts) or self.variant
+
+
+@dataclass
+class TrainConfig:
+    """The run: data, optimiser, schedule, checkpointing. Shared by every SAE trained in one pass."""
+
+    cache: str = ""
+    out: str = "runs/sae"
+    steps: int | None = None  # None: from `tokens`, else one epoch of the training split
+    tokens: int | None = None
+    batch_size: int = 4096
+    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2**14) (Gao et al.'s scaling)
+    lr_warmup_steps: int = 1000  # capped at a tenth of the run
+    lr_decay_start: float = 0.8  # linear decay to 0 over the last 20% of steps
+    grad_clip: float = 1.0
+    adam_eps: float = 6.25e-10  # Gao et al.
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    seed: int = 42
+    device: str = "cpu"
+    bf16: bool | None = None  # None: bf16 autocast where the device has it (CUDA)
+    sparse: bool | None = None  # None: sparse decode on CPU, dense on CUDA (faster on each)
+    eval_fraction: float = 0.05  # held out by sequence, for `vsae eval`
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    progress: bool = True
+
+    def learning_rate(self, d_sae: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def lr_at(step: int, n_steps: int, lr: float, warmup_steps: int, decay_start: float) -> float:
+    """Linear warm-up, constant, then linear decay to 0 from `decay_start` of the run."""
+    warmup = min(warmup_steps, max(1, n_steps // 10))
+    scale = min(1.0, (step + 1) / warmup)
+    start = int(decay_start * n_steps)
+    if step >= start and n_steps > start:
+        scale = min(scale, (n_steps - step) / (n_steps - start))
+    return lr * scale
+
+
+# The paper's code as it ran (shared/PAPER.md section 2): 10,001 steps of 192 tokens, d_sae 8192.
+PAPER_TRAIN = dict(steps=10_001, batch_size=192, lr_decay_start=0.8)
+PRESETS: dict[str, tuple[dict, dict]] = {
+    # TopK arm: Gao et al. lr scaling, AuxK 1/32 with k_aux 256 and a 10M-token dead threshold (which
+    # 1.92M training tokens never reach), unit decoder, pre-bias at the geometric median.
+    "paper-topk": (
+        dict(variant="topk", d_sae=8192, pre_bias=True, decoder="unit", b_dec_init="geometric_median",
+             aux_k_coef=1 / 32, k_aux=256, dead_after=10_000_000),
+        dict(PAPER_TRAIN, lr=2e-4 / math.sqrt(8192 / 2**14), lr_warmup_steps=1000),
+    ),
+    # vSAE arm: deterministic TopK + 0.5 * ||mu||^2 (fixed variance, no sampling), free 0.1-norm decoder,
+    # output-only bias, no AuxK, KL weight 1 warmed up over 10% of steps; lr 8e-4, warm-up max(200, 2%).
+    "paper-vsae": (
+        dict(variant="vsae", d_sae=8192, pre_bias=False, decoder="free", b_dec_init="zero", aux_k_coef=0.0,
+             sample=False, variance="fixed", kl_coef=1.0, kl_warmup=0.1),
+        dict(PAPER_TRAIN, lr=8e-4, lr_warmup_steps=200),
+    ),
+}
+
+
+def apply_preset(name: str, sae: SAEConfig, train: TrainConfig) -> tuple[SAEConfig, TrainConfig]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    sae_over, train_over = PRESETS[name]
+    return replace(sae, **sae_over), replace(train, **train_over)
+
+
+def diff_fields(a: dict, b: dict) -> list[str]:
+    """Names of the keys whose values differ between two config dicts."""
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+

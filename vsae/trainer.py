@@ -1,0 +1,289 @@
+"""Train one or more SAEs on one pass over an activation cache.
+
+Every SAE of a run group sees the same batches (each batch is read once), in
+the same order as an uninterrupted run, so a resumed run ends with the same
+weights on the CPU. Variants contribute only `loss_terms`; the loop below is
+the whole algorithm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from activations.cache import manifest_hash, read_manifest
+from activations.loader import ActivationLoader
+from vsae.config import SAEConfig, TrainConfig, diff_fields, lr_at
+from vsae.run import RunError, is_run, read_run, recover, write_run
+from vsae.variants import TopKSAE, build_sae, geometric_median
+
+# Fields that may change between a run and its resumption without changing what is computed.
+RESUMABLE_CHANGES = ("progress", "device", "log_every", "checkpoint_every", "out")
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class SAEState:
+    """One SAE being trained: the module, its optimiser, counters and log."""
+
+    path: Path
+    cfg: SAEConfig
+    sae: TopKSAE
+    opt: torch.optim.Adam
+    generator: torch.Generator
+    dead_after: int
+    tokens_since_fired: torch.Tensor
+    fire_count: torch.Tensor
+    step: int = 0
+    info: dict = field(default_factory=dict)  # train.json content, less step and tokens
+    log: list[dict] = field(default_factory=list)
+    window: dict[str, float] = field(default_factory=dict)
+
+
+def run_paths(train: TrainConfig, saes: list[SAEConfig]) -> list[Path]:
+    """One SAE: `out` is its run. Several: `out/<label>` each, labelled by what differs."""
+    out = Path(train.out)
+    if len(saes) == 1:
+        return [out]
+    labels = [s.label(saes) for s in saes]
+    if len(set(labels)) != len(labels):
+        labels = [f"{i:02d}-{label}" for i, label in enumerate(labels)]
+    return [out / label for label in labels]
+
+
+def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = False,
+          rank: int = 0, world_size: int = 1) -> list[Path]:
+    """Train every SAE of `sae_cfgs` from the same batches; return their run directories."""
+    manifest = read_manifest(train_cfg.cache)
+    d_in = int(manifest["d_in"])
+    device = torch.device(train_cfg.device)
+    loader = ActivationLoader(train_cfg.cache, train_cfg.batch_size, split="train", seed=train_cfg.seed,
+                              eval_fraction=train_cfg.eval_fraction, device=device)
+    per_epoch = loader.n_tokens // train_cfg.batch_size
+    n_steps = train_cfg.steps or (math.ceil(train_cfg.tokens / train_cfg.batch_size) if train_cfg.tokens
+                                  else per_epoch)
+    if n_steps <= 0:
+        raise ValueError(f"the run must have at least one step, got {n_steps}")
+    scale = math.sqrt(manifest["mean_squared_norm"])  # inputs are x / scale: unit mean squared norm
+    sparse = train_cfg.sparse if train_cfg.sparse is not None else device.type == "cpu"
+    bf16 = train_cfg.bf16 if train_cfg.bf16 is not None else device.type == "cuda"
+    info = {"cache": str(train_cfg.cache), "cache_hash": manifest_hash(manifest), "d_in": d_in,
+            "norm_scale": scale, "n_steps": n_steps, "hook_name": manifest["settings"]["hook_name"],
+            "model": manifest["settings"]["model"], "context": manifest["settings"]["context"],
+            "train_tokens_available": loader.n_tokens, "versions": _versions()}
+
+    paths = run_paths(train_cfg, sae_cfgs)
+    states = [_open_state(p, c, train_cfg, info, resume, device, sparse, loader, i, world_size)
+              for i, (p, c) in enumerate(zip(paths, sae_cfgs, strict=True))]
+    start = min(s.step for s in states)
+    if start >= n_steps:
+        return paths
+    bar = tqdm(total=n_steps, initial=start, unit="step", desc="train", disable=not train_cfg.progress or rank > 0)
+    batches = loader.stream(start, rank=rank, world_size=world_size)
+    t_last, tok_last = time.perf_counter(), 0
+    try:
+        for step in range(start, n_steps):
+            x = next(batches) / scale
+            for s in states:
+                if s.step == step:  # a state saved later than another (killed between saves) waits
+                    _update(s, x, step, n_steps, train_cfg, bf16, world_size)
+            tok_last += x.shape[0] * world_size
+            done = step + 1
+            if done % train_cfg.log_every == 0 or done == n_steps:
+                now = time.perf_counter()
+                tok_s = tok_last / (now - t_last)
+                for s in states:
+                    s.log.append(_log_line(s, done, train_cfg, tok_s))
+                bar.set_postfix(_postfix(states[0].log[-1]))
+                t_last, tok_last = now, 0
+            if (done % train_cfg.checkpoint_every == 0 or done == n_steps) and rank == 0:
+                for s in states:
+                    _save(s, info, scale, n_steps)
+            bar.update(1)
+    except KeyboardInterrupt:
+        if rank == 0:
+            for s in states:  # every state is consistent between steps: keep the work done
+                _save(s, info, scale, n_steps)
+        raise
+    finally:
+        bar.close()
+    return paths
+
+
+def _update(s: SAEState, x: torch.Tensor, step: int, n_steps: int, cfg: TrainConfig, bf16: bool,
+            world_size: int) -> None:
+    """One optimiser step of one SAE."""
+    for group in s.opt.param_groups:
+        group["lr"] = lr_at(step, n_steps, group["initial_lr"], cfg.lr_warmup_steps, cfg.lr_decay_start)
+    dead = s.tokens_since_fired >= s.dead_after if s.cfg.aux_k_coef > 0 else None
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        terms, vals, idx = s.sae.loss_terms(x, step / n_steps, dead, s.generator)
+    loss = sum(terms.values())
+    if not torch.isfinite(loss):
+        bad = [name for name, t in terms.items() if not torch.isfinite(t)]
+        raise NonFiniteLoss(f"{s.path}: loss term {', '.join(bad)} is not finite at step {step}; "
+                            f"the last checkpoint (step {_saved_step(s.path)}) is kept; lower --lr or check the cache")
+    s.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    fired = torch.zeros_like(s.fire_count)
+    fired.index_add_(0, idx.flatten(), (vals > 0).flatten().to(fired.dtype))
+    if world_size > 1:
+        import torch.distributed as dist
+
+        for p in s.sae.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world_size
+        dist.all_reduce(fired)
+    s.sae.before_step()
+    torch.nn.utils.clip_grad_norm_(s.sae.parameters(), cfg.grad_clip)
+    s.opt.step()
+    s.sae.after_step()
+    s.fire_count += fired
+    s.tokens_since_fired += x.shape[0] * world_size
+    s.tokens_since_fired[fired > 0] = 0
+    s.step = step + 1
+    stats = {name: float(t.detach()) for name, t in terms.items()}
+    stats["loss"] = float(loss.detach())
+    stats["l0"] = float((vals > 0).sum(1).float().mean())
+    for name, v in stats.items():
+        s.window[name] = s.window.get(name, 0.0) + v
+    s.window["_n"] = s.window.get("_n", 0.0) + 1
+
+
+def _log_line(s: SAEState, step: int, cfg: TrainConfig, tok_s: float) -> dict:
+    n = s.window.pop("_n", 1.0)
+    line = {"step": step, "tokens": step * cfg.batch_size, "lr": s.opt.param_groups[0]["lr"]}
+    line.update({k: v / n for k, v in s.window.items()})
+    line["dead_fraction"] = float((s.tokens_since_fired >= s.dead_after).float().mean())
+    line["never_fired_fraction"] = float((s.fire_count == 0).float().mean())
+    line["tokens_per_s"] = tok_s
+    s.window.clear()
+    return line
+
+
+def _postfix(line: dict) -> dict:
+    keys = ("loss", "mse", "kl", "auxk", "l0", "dead_fraction", "tokens_per_s")
+    return {k.replace("_fraction", "").replace("tokens_per_s", "tok/s"): f"{line[k]:.4g}" for k in keys if k in line}
+
+
+def _open_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, info: dict, resume: bool, device,
+                sparse: bool, loader: ActivationLoader, index: int, world_size: int) -> SAEState:
+    """A fresh SAE state, or the saved one when resuming (after checking it is the same run)."""
+    cfg.validate(info["d_in"])
+    recover(path)
+    if path.exists() and not resume:
+        if is_run(path):
+            raise RunError(f"--out {path} holds a run already; pass --resume to continue it, or choose another --out")
+        if any(path.iterdir()):
+            raise RunError(f"--out {path} is not empty and holds no vsae run; choose another --out")
+    # One init seed for every SAE of a group: arms of a sweep start from the same weights where shapes match.
+    generator = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
+    sae = build_sae(cfg, info["d_in"], generator).to(device)
+    sae.sparse = sparse
+    lr = train_cfg.learning_rate(cfg.d_sae)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+                           eps=train_cfg.adam_eps)
+    for group in opt.param_groups:
+        group["initial_lr"] = lr
+    total_tokens = info["n_steps"] * train_cfg.batch_size
+    dead_after = cfg.dead_after or min(10_000_000, max(1, total_tokens // 5))
+    s = SAEState(path, cfg, sae, opt, generator, dead_after,
+                 torch.zeros(cfg.d_sae, dtype=torch.long, device=device),
+                 torch.zeros(cfg.d_sae, dtype=torch.float64, device=device))
+    s.info = _run_info(info, cfg, train_cfg, dead_after)
+    if resume and is_run(path):
+        _restore(s, path, info)
+    else:
+        _init_b_dec(s, loader, info["norm_scale"], device)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        for p in sae.parameters():
+            dist.broadcast(p.data, 0)
+    return s
+
+
+def _run_info(info: dict, cfg: SAEConfig, train_cfg: TrainConfig, dead_after: int) -> dict:
+    return {**info, "sae": asdict(cfg), "train": asdict(train_cfg), "dead_after": dead_after}
+
+
+def _comparable(run_info: dict) -> dict:
+    train = {k: v for k, v in run_info["train"].items() if k not in RESUMABLE_CHANGES}
+    return {**{f"sae.{k}": v for k, v in run_info["sae"].items()}, **{f"train.{k}": v for k, v in train.items()},
+            "cache_hash": run_info["cache_hash"], "n_steps": run_info["n_steps"]}
+
+
+def _restore(s: SAEState, path: Path, info: dict) -> None:
+    saved, state, log = read_run(path)
+    if saved["d_in"] != info["d_in"]:
+        raise RunError(f"the cache's activations have width {info['d_in']} but the run {path} was trained on "
+                       f"width {saved['d_in']}; resume it on its own cache ({saved['cache']})")
+    differ = diff_fields(_comparable(saved), _comparable(s.info))
+    if differ:
+        raise RunError(f"cannot resume {path}: the config differs from the saved one in {', '.join(differ)}; "
+                       f"rerun with the saved settings (see {path / 'train.json'}) or choose a new --out")
+    device = s.tokens_since_fired.device
+    with torch.no_grad():
+        for name, p in s.sae.named_parameters():
+            p.copy_(state[f"param.{name}"])
+    for name, p in s.sae.named_parameters():
+        s.opt.state[p] = {"step": state[f"adam.step.{name}"].clone(),
+                          "exp_avg": state[f"adam.exp_avg.{name}"].to(device),
+                          "exp_avg_sq": state[f"adam.exp_avg_sq.{name}"].to(device)}
+    s.tokens_since_fired.copy_(state["tokens_since_fired"])
+    s.fire_count.copy_(state["fire_count"])
+    s.generator.set_state(state["rng"])
+    s.step = int(saved["step"])
+    s.log = log
+
+
+def _init_b_dec(s: SAEState, loader: ActivationLoader, scale: float, device) -> None:
+    """b_dec at the geometric median (or mean) of the first training batch, as in Gao et al."""
+    if s.cfg.b_dec_init == "zero":
+        return
+    sample = next(iter(loader.stream(0))).to(device) / scale  # the full first batch, on every rank
+    centre = geometric_median(sample) if s.cfg.b_dec_init == "geometric_median" else sample.mean(0)
+    with torch.no_grad():
+        s.sae.b_dec.copy_(centre)
+
+
+def _save(s: SAEState, info: dict, scale: float, n_steps: int) -> None:
+    state = {f"param.{n}": p for n, p in s.sae.named_parameters()}
+    for n, p in s.sae.named_parameters():
+        st = s.opt.state.get(p)
+        if st:
+            state[f"adam.step.{n}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(())
+            state[f"adam.exp_avg.{n}"] = st["exp_avg"]
+            state[f"adam.exp_avg_sq.{n}"] = st["exp_avg_sq"]
+    state.update(tokens_since_fired=s.tokens_since_fired, fire_count=s.fire_count, rng=s.generator.get_state())
+    tokens = s.step * s.info["train"]["batch_size"]
+    density = s.fire_count / max(1, tokens)
+    run_info = {**s.info, "step": s.step, "tokens_seen": tokens, "complete": s.step >= n_steps}
+    meta = {"model_name": info["model"]["name"], "hook_name": info["hook_name"], "context_size": info["context"],
+            "dataset_path": info["cache"]}
+    write_run(s.path, weights=s.sae.export(scale), metadata=meta, sparsity=density.float().clamp(0, 1),
+              info=run_info, state=state, log_lines=s.log)
+
+
+def _saved_step(path: Path) -> int:
+    try:
+        return int(json.loads((path / "train.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _versions() -> dict:
+    import sae_lens
+    import transformer_lens
+
+    return {"torch": torch.__version__, "sae_lens": sae_lens.__version__,
+            "transformer_lens": getattr(transformer_lens, "__version__", "unknown")}

@@ -1,0 +1,210 @@
+"""SAE variants: the TopK SAE (Gao et al. 2024) and the variational TopK SAE (Baker & Li 2025).
+
+A variant differs from the TopK base only where the method differs: how the
+training latents are drawn and which extra loss terms it adds. Everything
+else (pre-bias, decoder constraint, AuxK, sparse decoding) is a shared switch.
+Adding a variant: a subclass here plus one line in `VARIANTS`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vsae.checkpoint import SAEWeights
+from vsae.config import SAEConfig
+from vsae.sparse import sparse_decode, sparse_encode
+
+
+class TopKSAE(nn.Module):
+    """z = TopK(ReLU(W_enc (x - b_dec) + b_enc)); x_hat = z W_dec + b_dec; loss = MSE + AuxK."""
+
+    def __init__(self, cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        cfg.validate(d_in)
+        self.cfg, self.d_in, self.k = cfg, d_in, cfg.k
+        self.k_aux = cfg.k_aux or d_in // 2
+        W_dec = torch.randn(cfg.d_sae, d_in, generator=generator)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        if cfg.decoder == "free":
+            W_dec *= 0.1  # the paper's vSAE code: 0.1-norm rows, never renormalised
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.T.clone())  # tied init
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.sparse = True  # sparse encode/decode ops (CPU); dense matmuls otherwise (CUDA)
+
+    # --- shared pieces -----------------------------------------------------------------
+    def encoder_input(self, x: Tensor) -> Tensor:
+        return x - self.b_dec if self.cfg.pre_bias else x
+
+    def pre_activations(self, x_in: Tensor) -> Tensor:
+        return x_in @ self.W_enc + self.b_enc
+
+    def selected_pre(self, x_in: Tensor, idx: Tensor, pre: Tensor) -> Tensor:
+        """Pre-activations of the selected latents, with gradients to the encoder.
+
+        Sparse mode recomputes just these B x k dot products, so the backward never
+        forms a dense [B, d_sae] gradient; a `pre` that already carries gradients is
+        gathered from instead.
+        """
+        if pre.requires_grad:
+            return pre.gather(1, idx)
+        if self.sparse:
+            return sparse_encode(x_in, self.W_enc, self.b_enc, idx)
+        return self.pre_activations(x_in).gather(1, idx)
+
+    def decode_sparse(self, idx: Tensor, vals: Tensor) -> Tensor:
+        """sum_j vals[:, j] * W_dec[idx[:, j]] (no bias)."""
+        if self.sparse:
+            return sparse_decode(idx, vals, self.W_dec)
+        z = torch.zeros(vals.shape[0], self.cfg.d_sae, dtype=vals.dtype, device=vals.device)
+        return z.scatter(1, idx, vals) @ self.W_dec.to(vals.dtype)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Deterministic evaluation encoding: (vals, idx) of TopK(ReLU(pre)), for every variant."""
+        pre = self.pre_activations(self.encoder_input(x))
+        vals, idx = pre.topk(self.k, dim=1)
+        return vals.relu(), idx
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        vals, idx = self.encode(x)
+        return self.decode_sparse(idx, vals) + self.b_dec
+
+    # --- what a variant may change -----------------------------------------------------
+    def training_latents(self, x_in: Tensor, progress: float, generator: torch.Generator | None
+                         ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """(vals, idx, pre, extra loss terms) for a training batch."""
+        with torch.set_grad_enabled(not self.sparse):
+            pre = self.pre_activations(x_in)
+        idx = pre.detach().topk(self.k, dim=1).indices
+        vals = self.selected_pre(x_in, idx, pre).relu()
+        return vals, idx, pre, {}
+
+    # --- the loss ----------------------------------------------------------------------
+    def loss_terms(self, x: Tensor, progress: float, dead: Tensor | None,
+                   generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Loss terms (each already weighted), plus (vals, idx) of the batch for statistics.
+
+        `progress` is the fraction of the run done (for warm-ups); `dead` a bool mask of
+        latents that have not fired for `dead_after` tokens (for AuxK).
+        """
+        x_in = self.encoder_input(x)
+        vals, idx, pre, terms = self.training_latents(x_in, progress, generator)
+        x_hat = self.decode_sparse(idx, vals) + self.b_dec
+        terms = {"mse": (x_hat - x).pow(2).sum(-1).mean(), **terms}
+        if self.cfg.aux_k_coef > 0 and dead is not None and bool(dead.any()):
+            terms["auxk"] = self.cfg.aux_k_coef * self.aux_loss(x_in, pre, x - x_hat.detach(), dead)
+        return terms, vals.detach(), idx
+
+    def aux_loss(self, x_in: Tensor, pre: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
+        """AuxK: the top `k_aux` dead latents reconstruct the residual, normalised by its variance."""
+        k_aux = min(self.k_aux, int(dead.sum()))
+        with torch.no_grad():
+            idx = pre.detach().masked_fill(~dead, float("-inf")).topk(k_aux, dim=1).indices
+        vals = self.selected_pre(x_in, idx, pre).relu()
+        recon = self.decode_sparse(idx, vals)
+        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+        return (recon - residual).pow(2).sum(-1).mean() / variance.clamp_min(1e-12)
+
+    # --- the decoder constraint ----------------------------------------------------------
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Remove the gradient component parallel to each (unit) decoder row."""
+        if self.cfg.decoder == "unit" and self.W_dec.grad is not None:
+            g, d = self.W_dec.grad, self.W_dec
+            g -= (g * d).sum(1, keepdim=True) * d
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.cfg.decoder == "unit":
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # --- export ------------------------------------------------------------------------
+    @torch.no_grad()
+    def export(self, scale: float) -> SAEWeights:
+        """Weights that act on raw activations (the training input was x / scale).
+
+        pre and z scale by `scale` (ReLU and TopK commute with a positive scale), so
+        b_enc and b_dec take the factor and the decoder rows keep their norms.
+        """
+        return SAEWeights(
+            W_enc=self.W_enc.detach().float().clone(), b_enc=self.b_enc.detach().float() * scale,
+            W_dec=self.W_dec.detach().float().clone(), b_dec=self.b_dec.detach().float() * scale,
+            k=self.k, apply_b_dec_to_input=self.cfg.pre_bias,
+        )
+
+
+class VariationalTopKSAE(TopKSAE):
+    """vSAE: mu = ReLU(pre), z = mu + sigma * eps (if `sample`), TopK by |z| keeping signs; + KL to N(0, 1)."""
+
+    def __init__(self, cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> None:
+        super().__init__(cfg, d_in, generator)
+        if cfg.variance == "learned":
+            W_var = torch.empty(d_in, cfg.d_sae)
+            nn.init.kaiming_uniform_(W_var.T, a=0.01, generator=generator)
+            self.W_var = nn.Parameter(W_var)
+            self.b_var = nn.Parameter(torch.full((cfg.d_sae,), -2.0))
+
+    def log_variance(self, x_in: Tensor) -> Tensor | None:
+        if self.cfg.variance == "fixed":
+            return None  # sigma = 1
+        return (x_in @ self.W_var + self.b_var).clamp(-6.0, 2.0)
+
+    def training_latents(self, x_in, progress, generator):
+        pre = self.pre_activations(x_in)  # dense gradient: the KL term reaches every latent
+        mu = pre.relu()
+        logvar = self.log_variance(x_in)
+        z = mu
+        if self.cfg.sample:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + (eps if logvar is None else eps * (0.5 * logvar).exp())
+        idx = z.detach().abs().topk(self.k, dim=1).indices
+        vals = z.gather(1, idx)
+        weight = self.cfg.kl_coef * kl_warmup(progress, self.cfg.kl_warmup)
+        return vals, idx, pre, {"kl": weight * gaussian_kl(mu, logvar)}
+
+
+def kl_warmup(progress: float, fraction: float) -> float:
+    return 1.0 if fraction <= 0 else min(1.0, progress / fraction)
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor | None) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) summed over latents, mean over the batch.
+
+    mu is clamped to [-10, 10] inside the term as in the paper's code. With fixed
+    unit variance this is exactly 0.5 * ||mu||^2: an L2 penalty.
+    """
+    mu = mu.clamp(-10.0, 10.0)
+    if logvar is None:
+        per_latent = 0.5 * mu.pow(2)
+    else:
+        per_latent = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    return per_latent.sum(-1).mean().clamp_min(0.0)
+
+
+VARIANTS: dict[str, type[TopKSAE]] = {
+    "topk": TopKSAE,
+    "vsae": VariationalTopKSAE,
+}
+
+
+def build_sae(cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> TopKSAE:
+    cfg.validate(d_in)
+    return VARIANTS[cfg.variant](cfg, d_in, generator)
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    y = points.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (points - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w[:, None] * points).sum(0) / w.sum()
+        if (y_new - y).norm() < tol * y.norm().clamp_min(1e-8):
+            return y_new
+        y = y_new
+    return y
+
+
