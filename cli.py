@@ -10,7 +10,7 @@ import types
 import typing
 from pathlib import Path
 
-HELP = {
+HARVEST_HELP = {
     "out": "output directory",
     "model": "TransformerLens model name (e.g. pythia-70m-deduped), or vsae-tiny for the embedded model",
     "model_path": "local Hugging Face checkpoint directory (overrides --model; needs no network)",
@@ -25,6 +25,21 @@ HELP = {
     "keep_bos": "keep the BOS position of each context (dropped by default: its norm is an outlier)",
     "overwrite": "replace an existing cache made with other settings",
     "progress": "progress bars",
+}
+TRAIN_HELP = {
+    "out": "run directory (several SAEs: one subdirectory each)",
+    "tokens": "training tokens (unset: --steps, else one epoch of the training split)",
+    "batch_size": "activations per optimiser step",
+    "device": "torch device (cpu, cuda, cuda:1, ...)",
+    "bf16": "bf16 autocast (default on CUDA)",
+    "sparse": "sparse encode/decode kernels (default on CPU; dense matmuls are faster on GPUs)",
+    "log_every": "steps between log.jsonl lines",
+    "checkpoint_every": "steps between checkpoints",
+    "progress": "progress bars",
+    "lr_warmup_steps": "linear lr warm-up steps (capped at a tenth of the run)",
+    "lr_decay_start": "fraction of the run after which the lr decays linearly to 0",
+    "grad_clip": "gradient norm clip",
+    "seed": "seed of the batch order and of the SAE init",
     "variant": "SAE variant",
     "d_sae": "number of latents",
     "steps": "optimiser steps (unset: from --tokens, else one epoch of the training split)",
@@ -39,6 +54,7 @@ HELP = {
     "kl_coef": "vsae: KL weight",
     "kl_warmup": "vsae: fraction of steps of linear KL warm-up",
     "eval_fraction": "fraction of sequences held out for evaluation",
+    "b_dec_init": "initial b_dec: geometric median or mean of the first batch, or zero",
 }
 
 
@@ -53,7 +69,7 @@ def _field_type(tp) -> tuple[type, bool]:
     return tp, False
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, helps: dict[str, str], skip: tuple[str, ...] = (),
                        choices: dict[str, tuple] | None = None, required: tuple[str, ...] = (),
                        explicit_only: bool = False) -> None:
     """One flag per dataclass field (`--field-name`), default and help taken from the dataclass.
@@ -74,10 +90,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         else:
             default, required = None, (*required, f.name)
         tp, is_list = _field_type(hints[f.name])
-        helptext = HELP.get(f.name, f.name.replace("_", " "))
+        helptext = helps.get(f.name, f.name.replace("_", " "))
         if explicit_only:
             helptext, default = f"{helptext} (default: {default})", argparse.SUPPRESS
-        if tp is bool and default is None:
+        if tp is bool and f.default is None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=f"{helptext}; unset: chosen per device")
         elif tp is bool:
@@ -224,20 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-tiny-model", formatter_class=_Formatter,
                        help="train the embedded default model (GPT-NeoX) on an embedded corpus",
                        description="Train vsae's embedded GPT-NeoX model and its BPE tokenizer.")
-    add_dataclass_args(p, TinyModelConfig)
+    add_dataclass_args(p, TinyModelConfig, {})
     p.add_argument("--out", default=None, help="output directory (default: vsae's cache dir)")
     p.set_defaults(func=cmd_build_tiny_model)
 
     p = sub.add_parser("harvest", formatter_class=_Formatter, help="cache one hook's activations to disk",
                        description="Run a model over a corpus and cache one hook's activations, resumably.")
-    add_dataclass_args(p, HarvestConfig, choices={"dtype": DTYPES}, required=("out",))
+    add_dataclass_args(p, HarvestConfig, HARVEST_HELP, choices={"dtype": DTYPES}, required=("out",))
     p.set_defaults(func=cmd_harvest)
 
     p = sub.add_parser("train", formatter_class=_Formatter, help="train SAEs on a cache (several in one pass)",
                        description="Train TopK / vSAE SAEs on an activation cache; several configs share each batch. "
                                    "Distributed: torchrun --nproc_per_node N $(which vsae) train ...")
-    add_dataclass_args(p, TrainConfig, explicit_only=True, skip=("cache",))
-    add_dataclass_args(p, SAEConfig, explicit_only=True, skip=("k",),
+    add_dataclass_args(p, TrainConfig, TRAIN_HELP, explicit_only=True, skip=("cache",))
+    add_dataclass_args(p, SAEConfig, TRAIN_HELP, explicit_only=True, skip=("k",),
                        choices={"variant": tuple(VARIANTS), "decoder": DECODERS, "variance": VARIANCES,
                                 "b_dec_init": B_DEC_INITS})
     p.add_argument("--cache", required=True, help="activation cache directory (from vsae harvest)")

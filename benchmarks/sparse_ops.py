@@ -7,7 +7,8 @@ and is not timed) and the same upstream gradient. Dense reference: (x @ W_enc + 
 ReLU, scatter into [B, d_sae] -> z @ W_dec. x = input - b_dec requires grad on both sides, as in training; the
 sparse path is also timed with an x that needs no grad, and with W_enc stored latent-major (a [d_sae, d_in]
 parameter passed as .t(), which spares two transposes). Rounds are interleaved and the best and median of each
-are printed, since this machine is shared and noisy. Also times topk_latents against topk(relu(pre)).
+are printed, since this machine is shared and noisy. Also times topk_latents against topk(relu(pre)), and a
+whole TopK forward+backward each way (encoder matmul and topk included, optimizer not) in tokens/s.
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ def main() -> None:
         x = inp - b_dec
         return sparse_decode(idx, sparse_encode(x, W_enc_T.t(), b_enc, idx).relu(), W_dec)
 
+    def dense_full() -> torch.Tensor:  # the whole TopK forward: dense encoder, topk on ReLU, dense decoder
+        pre = (inp - b_dec) @ W_enc + b_enc
+        top = pre.detach().relu().topk(k, dim=1).indices
+        return torch.zeros_like(pre).scatter(1, top, pre.gather(1, top).relu()) @ W_dec
+
+    def sparse_full() -> torch.Tensor:  # the same with the encoder matmul under no_grad and the sparse ops
+        x = inp - b_dec
+        with torch.no_grad():
+            _, top = topk_latents(x @ W_enc + b_enc, k)
+        return sparse_decode(top, sparse_encode(x, W_enc, b_enc, top).relu(), W_dec)
+
     cases = {
         "dense reference": lambda: step(dense),
         "sparse_encode+sparse_decode": lambda: step(sparse),
@@ -78,6 +90,8 @@ def main() -> None:
         "  same, W_enc latent-major": lambda: step(sparse_latent_major),
         "topk(relu(pre)) [no grad]": lambda: pre_dense.relu().topk(k, dim=1),
         "topk_latents(pre) [no grad]": lambda: topk_latents(pre_dense, k),
+        "full step, dense": lambda: step(dense_full),
+        "full step, sparse": lambda: step(sparse_full),
     }
     for fn in cases.values():  # warm-up: allocator, MKL handles
         fn()
@@ -93,6 +107,9 @@ def main() -> None:
     ratio_best = min(times["dense reference"]) / min(times["sparse_encode+sparse_decode"])
     ratio_med = statistics.median(times["dense reference"]) / statistics.median(times["sparse_encode+sparse_decode"])
     print(f"speed-up of sparse over dense fwd+bwd: {ratio_best:.1f}x (best), {ratio_med:.1f}x (median)")
+    full = {name: B / statistics.median(times[f"full step, {name}"]) for name in ("dense", "sparse")}
+    print(f"full step (encoder matmul + topk + fwd/bwd, no optimizer): dense {full['dense']:,.0f} tok/s, "
+          f"sparse {full['sparse']:,.0f} tok/s (medians), {full['sparse'] / full['dense']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,20 @@ def test_decode_gradcheck(B, d_in, d_sae, k):
     assert torch.autograd.gradcheck(lambda vals, W_dec: sparse_decode(idx, vals, W_dec), (vals, W["W_dec"]))
 
 
+def test_repeated_ids_in_a_row_add_up():
+    # topk never repeats an id within a row; should one, it counts twice, as in embedding_bag.
+    gen = torch.Generator().manual_seed(9)
+    idx = torch.tensor([[1, 1, 3], [0, 2, 2], [3, 3, 3]])
+    vals = torch.randn(3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    W = sae_weights(5, 4, torch.float64, gen)
+    x = torch.randn(3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda vals, W_dec: sparse_decode(idx, vals, W_dec), (vals, W["W_dec"]))
+    assert torch.autograd.gradcheck(lambda x, W_enc, b_enc: sparse_encode(x, W_enc, b_enc, idx),
+                                    (x, W["W_enc"], W["b_enc"]))
+    torch.testing.assert_close(sparse_decode(idx, vals, W["W_dec"]),
+                               torch.nn.functional.embedding_bag(idx, W["W_dec"], per_sample_weights=vals, mode="sum"))
+
+
 def test_float64_step_matches_dense_exactly():
     gen = torch.Generator().manual_seed(0)
     B, d_in, d_sae, k = 40, 8, 30, 6

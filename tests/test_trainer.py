@@ -78,18 +78,18 @@ def test_resume_after_interrupt_equals_straight_run(tmp_path, small_cache, monke
     [straight] = train(tcfg(small_cache, tmp_path / "straight"), [cfg])
     import vsae.trainer as tr
 
-    real = tr._update
+    real = tr.update_step
 
     def crash_at_13(s, x, step, *a):
         if step == 13:
             raise RuntimeError("simulated kill")  # no save: the run keeps its step-10 checkpoint
         real(s, x, step, *a)
 
-    monkeypatch.setattr(tr, "_update", crash_at_13)
+    monkeypatch.setattr(tr, "update_step", crash_at_13)
     with pytest.raises(RuntimeError):
         train(tcfg(small_cache, tmp_path / "resumed"), [cfg])
     assert json.loads((tmp_path / "resumed" / "train.json").read_text())["step"] == 10
-    monkeypatch.setattr(tr, "_update", real)
+    monkeypatch.setattr(tr, "update_step", real)
     train(tcfg(small_cache, tmp_path / "resumed"), [cfg], resume=True)
     a, b = weights(straight), weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
@@ -102,14 +102,14 @@ def test_resume_after_interrupt_equals_straight_run(tmp_path, small_cache, monke
 def test_keyboard_interrupt_saves_progress(tmp_path, small_cache, monkeypatch):
     import vsae.trainer as tr
 
-    real = tr._update
+    real = tr.update_step
 
     def stop_at_7(s, x, step, *a):
         if step == 7:
             raise KeyboardInterrupt
         real(s, x, step, *a)
 
-    monkeypatch.setattr(tr, "_update", stop_at_7)
+    monkeypatch.setattr(tr, "update_step", stop_at_7)
     with pytest.raises(KeyboardInterrupt):
         train(tcfg(small_cache, tmp_path / "r"), [SAEConfig(d_sae=64, k=4)])
     assert json.loads((tmp_path / "r" / "train.json").read_text())["step"] == 7

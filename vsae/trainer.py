@@ -82,8 +82,8 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
             "train_tokens_available": loader.n_tokens, "versions": _versions()}
 
     paths = run_paths(train_cfg, sae_cfgs)
-    states = [_open_state(p, c, train_cfg, info, resume, device, sparse, loader, i, world_size)
-              for i, (p, c) in enumerate(zip(paths, sae_cfgs, strict=True))]
+    states = [_open_state(p, c, train_cfg, info, resume, device, sparse, loader, world_size)
+              for p, c in zip(paths, sae_cfgs, strict=True)]
     start = min(s.step for s in states)
     if start >= n_steps:
         return paths
@@ -95,7 +95,7 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
             x = next(batches) / scale
             for s in states:
                 if s.step == step:  # a state saved later than another (killed between saves) waits
-                    _update(s, x, step, n_steps, train_cfg, bf16, world_size)
+                    update_step(s, x, step, n_steps, train_cfg, bf16, world_size)
             tok_last += x.shape[0] * world_size
             done = step + 1
             if done % train_cfg.log_every == 0 or done == n_steps:
@@ -119,9 +119,9 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
     return paths
 
 
-def _update(s: SAEState, x: torch.Tensor, step: int, n_steps: int, cfg: TrainConfig, bf16: bool,
+def update_step(s: SAEState, x: torch.Tensor, step: int, n_steps: int, cfg: TrainConfig, bf16: bool,
             world_size: int) -> None:
-    """One optimiser step of one SAE."""
+    """One optimiser step of one SAE on a batch of normalised activations."""
     for group in s.opt.param_groups:
         group["lr"] = lr_at(step, n_steps, group["initial_lr"], cfg.lr_warmup_steps, cfg.lr_decay_start)
     dead = s.tokens_since_fired >= s.dead_after if s.cfg.aux_k_coef > 0 else None
@@ -175,8 +175,26 @@ def _postfix(line: dict) -> dict:
     return {k.replace("_fraction", "").replace("tokens_per_s", "tok/s"): f"{line[k]:.4g}" for k in keys if k in line}
 
 
+def fresh_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, d_in: int, n_steps: int, device,
+                sparse: bool) -> SAEState:
+    """A newly initialised SAE with its optimiser and counters (b_dec not yet initialised)."""
+    # One init seed for every SAE of a group: arms of a sweep start from the same weights where shapes match.
+    generator = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
+    sae = build_sae(cfg, d_in, generator).to(device)
+    sae.sparse = sparse
+    lr = train_cfg.learning_rate(cfg.d_sae)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+                           eps=train_cfg.adam_eps)
+    for group in opt.param_groups:
+        group["initial_lr"] = lr
+    dead_after = cfg.dead_after or min(10_000_000, max(1, n_steps * train_cfg.batch_size // 5))
+    return SAEState(path, cfg, sae, opt, generator, dead_after,
+                    torch.zeros(cfg.d_sae, dtype=torch.long, device=device),
+                    torch.zeros(cfg.d_sae, dtype=torch.float64, device=device))
+
+
 def _open_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, info: dict, resume: bool, device,
-                sparse: bool, loader: ActivationLoader, index: int, world_size: int) -> SAEState:
+                sparse: bool, loader: ActivationLoader, world_size: int) -> SAEState:
     """A fresh SAE state, or the saved one when resuming (after checking it is the same run)."""
     cfg.validate(info["d_in"])
     recover(path)
@@ -185,21 +203,8 @@ def _open_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, info: dict, 
             raise RunError(f"--out {path} holds a run already; pass --resume to continue it, or choose another --out")
         if any(path.iterdir()):
             raise RunError(f"--out {path} is not empty and holds no vsae run; choose another --out")
-    # One init seed for every SAE of a group: arms of a sweep start from the same weights where shapes match.
-    generator = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
-    sae = build_sae(cfg, info["d_in"], generator).to(device)
-    sae.sparse = sparse
-    lr = train_cfg.learning_rate(cfg.d_sae)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-                           eps=train_cfg.adam_eps)
-    for group in opt.param_groups:
-        group["initial_lr"] = lr
-    total_tokens = info["n_steps"] * train_cfg.batch_size
-    dead_after = cfg.dead_after or min(10_000_000, max(1, total_tokens // 5))
-    s = SAEState(path, cfg, sae, opt, generator, dead_after,
-                 torch.zeros(cfg.d_sae, dtype=torch.long, device=device),
-                 torch.zeros(cfg.d_sae, dtype=torch.float64, device=device))
-    s.info = _run_info(info, cfg, train_cfg, dead_after)
+    s = fresh_state(path, cfg, train_cfg, info["d_in"], info["n_steps"], device, sparse)
+    s.info = _run_info(info, cfg, train_cfg, s.dead_after)
     if resume and is_run(path):
         _restore(s, path, info)
     else:
@@ -207,7 +212,7 @@ def _open_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, info: dict, 
     if world_size > 1:
         import torch.distributed as dist
 
-        for p in sae.parameters():
+        for p in s.sae.parameters():
             dist.broadcast(p.data, 0)
     return s
 
