@@ -180,12 +180,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in given.items() if k in train_fields})
     sae_cfg = dataclasses.replace(sae_cfg, **{k: v for k, v in given.items() if k in sae_fields})
     ks = [int(k) for k in str(args.k).split(",")] if args.k is not None else [sae_cfg.k]
+    names = None
     sae_cfgs = [dataclasses.replace(sae_cfg, k=k) for k in ks]
     if args.sweep:
         with open(args.sweep, "rb") as f:
             sweep = tomllib.load(f).get("sae", [])
         if not sweep:
             raise ValueError(f"--sweep {args.sweep}: no [[sae]] tables; each one lists the fields it changes")
+        names = [str(o.pop("name")) for o in sweep if "name" in o]
+        if names and len(names) != len(sweep):
+            raise ValueError(f"--sweep {args.sweep}: give every [[sae]] a name, or none")
+        names = names if names and len(sae_cfgs) == 1 else None  # with a --k list, labels keep k apart
+        for overrides in sweep:
+            unknown = sorted(set(overrides) - sae_fields)
+            if unknown:
+                raise ValueError(f"--sweep {args.sweep}: unknown SAE field(s) {', '.join(unknown)}; "
+                                 f"valid: {', '.join(sorted(sae_fields))}")
         sae_cfgs = [dataclasses.replace(c, **overrides) for c in sae_cfgs for overrides in sweep]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
@@ -196,7 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if cuda:
             train_cfg = dataclasses.replace(train_cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
     try:
-        paths = train(train_cfg, sae_cfgs, resume=args.resume, rank=rank, world_size=world)
+        paths = train(train_cfg, sae_cfgs, resume=args.resume, rank=rank, world_size=world, names=names)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -209,15 +219,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from activations.harvest import HarvestConfig, harvest
     from activations.tiny_model import ensure_tiny_model
+    from vsae.config import SAEConfig, TrainConfig, apply_preset
+    from vsae.trainer import train
 
     out = Path(args.out)
     model_dir = ensure_tiny_model()
     report = json.loads((model_dir / "vsae_model.json").read_text())
-    print(f"[1/2] embedded model {model_dir}: validation CE {report['val_ce']:.3f} "
+    print(f"[1/3] embedded model {model_dir}: validation CE {report['val_ce']:.3f} "
           f"(unigram {report['unigram_ce']:.3f})")
     summary = harvest(HarvestConfig(out=str(out / "cache"), corpus=[args.corpus], tokens=args.tokens))
-    print(f"[2/2] {summary.line()}")
-    print("next stages (train, eval, dashboard) arrive with their issues; the cache above is their input")
+    print(f"[2/3] {summary.line()}")
+    # The paper's two arms as its code ran them, scaled to the tiny model (16 x d_in latents), in one pass.
+    arms = [apply_preset(name, SAEConfig(), TrainConfig())[0] for name in ("paper-topk", "paper-vsae")]
+    arms = [dataclasses.replace(a, d_sae=args.d_sae, k=args.k, dead_after=None) for a in arms]
+    tcfg = TrainConfig(cache=str(out / "cache"), out=str(out / "sae"), steps=args.train_steps,
+                       batch_size=args.batch_size, lr_warmup_steps=args.train_steps // 10)
+    resume = (out / "sae").exists()
+    paths = train(tcfg, arms, resume=resume, names=["topk", "vsae"])
+    print("[3/3] SAEs (last logged step):")
+    for p in paths:
+        last = json.loads((p / "log.jsonl").read_text().splitlines()[-1])
+        parts = ", ".join(f"{k} {last[k]:.4g}" for k in ("mse", "kl", "auxk", "l0", "dead_fraction") if k in last)
+        print(f"      {p}: {parts}")
+    print("next stages (eval, dashboard) arrive with their issues; the runs above are their input")
     return 0
 
 
@@ -260,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default=None, help="active latents per token; a comma list trains one SAE each (default: 64)")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="the paper's arms as its code ran them; explicit flags override it")
-    p.add_argument("--sweep", default=None, help="TOML file of [[sae]] tables, each a config trained in the same pass")
+    p.add_argument("--sweep", default=None, help="TOML file of [[sae]] tables (SAE fields, optional name), "
+                   "each trained in the same pass")
     p.add_argument("--resume", action="store_true", help="continue the run(s) in --out")
     p.set_defaults(func=cmd_train)
 
@@ -272,10 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache_info)
 
     p = sub.add_parser("demo", formatter_class=_Formatter, help="the whole pipeline on the embedded default",
-                       description="Build the embedded model (first use), harvest its middle residual stream.")
+                       description="Build the embedded model (first use), harvest its middle residual stream, "
+                                   "train the paper's TopK and vSAE arms on it in one pass.")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--corpus", default="shakespeare", help="corpus to harvest")
     p.add_argument("--tokens", type=int, default=500_000, help="tokens to harvest")
+    p.add_argument("--d-sae", type=int, default=2048, help="latents of each SAE")
+    p.add_argument("--k", type=int, default=32, help="active latents per token")
+    p.add_argument("--train-steps", type=int, default=300, help="training steps")
+    p.add_argument("--batch-size", type=int, default=4096, help="activations per step")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -50,9 +50,16 @@ class SAEConfig:
     def label(self, group: list[SAEConfig]) -> str:
         """A short name from the fields that vary across `group` (for sweep run directories)."""
         varying = [f.name for f in fields(self) if len({repr(getattr(c, f.name)) for c in group}) > 1]
-        parts = [str(getattr(self, n)) if n == "variant" else f"{n.replace('_', '')}{getattr(self, n)}"
-                 for n in varying]
-        return "-".join(parts) or self.variant
+        return "-".join(_label_part(n, getattr(self, n)) for n in varying) or self.variant
+
+
+def _label_part(name: str, value) -> str:
+    short = name.replace("_", "")
+    if name == "variant":
+        return str(value)
+    if isinstance(value, bool):
+        return short if value else f"no{short}"
+    return f"{short}{value}"
 
 
 @dataclass

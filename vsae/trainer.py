@@ -49,19 +49,19 @@ class SAEState:
     window: dict[str, float] = field(default_factory=dict)
 
 
-def run_paths(train: TrainConfig, saes: list[SAEConfig]) -> list[Path]:
-    """One SAE: `out` is its run. Several: `out/<label>` each, labelled by what differs."""
+def run_paths(train: TrainConfig, saes: list[SAEConfig], names: list[str] | None = None) -> list[Path]:
+    """One SAE: `out` is its run. Several: `out/<name>` each, by default labelled by what differs."""
     out = Path(train.out)
     if len(saes) == 1:
         return [out]
-    labels = [s.label(saes) for s in saes]
+    labels = names or [s.label(saes) for s in saes]
     if len(set(labels)) != len(labels):
         labels = [f"{i:02d}-{label}" for i, label in enumerate(labels)]
     return [out / label for label in labels]
 
 
 def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = False,
-          rank: int = 0, world_size: int = 1) -> list[Path]:
+          rank: int = 0, world_size: int = 1, names: list[str] | None = None) -> list[Path]:
     """Train every SAE of `sae_cfgs` from the same batches; return their run directories."""
     manifest = read_manifest(train_cfg.cache)
     d_in = int(manifest["d_in"])
@@ -81,7 +81,7 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
             "model": manifest["settings"]["model"], "context": manifest["settings"]["context"],
             "train_tokens_available": loader.n_tokens, "versions": _versions()}
 
-    paths = run_paths(train_cfg, sae_cfgs)
+    paths = run_paths(train_cfg, sae_cfgs, names)
     states = [_open_state(p, c, train_cfg, info, resume, device, sparse, loader, world_size)
               for p, c in zip(paths, sae_cfgs, strict=True)]
     start = min(s.step for s in states)
