@@ -211,3 +211,22 @@ def update_totals(manifest: dict) -> None:
     manifest["total_tokens"] = total
     sq = sum(e["sum_sq_norm"] for e in manifest["shards"])
     manifest["mean_squared_norm"] = sq / total if total else None
+
+
+def sequence_tokens(cache_dir: str | Path, sequences: np.ndarray) -> np.ndarray:
+    """Token contexts `[len(sequences), context]` of the given sequence ids, BOS restored at position 0.
+
+    Rows of one sequence are stored contiguously (positions 1..context-1 when BOS
+    was dropped), so each context is one slice of one shard.
+    """
+    manifest, _, toks = open_shards(cache_dir)
+    ctx, rows = manifest["settings"]["context"], manifest["rows_per_sequence"]
+    first_pos = ctx - rows
+    starts = np.cumsum([0] + [t.shape[0] for t in toks])
+    out = np.full((len(sequences), ctx), manifest.get("bos_token_id") or 0, dtype=np.int64)
+    for i, seq in enumerate(np.asarray(sequences)):
+        row = int(seq) * rows
+        shard = int(np.searchsorted(starts, row, side="right") - 1)
+        local = row - starts[shard]
+        out[i, first_pos:] = toks[shard][local : local + rows, 0]
+    return out

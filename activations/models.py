@@ -41,6 +41,13 @@ class ModelSource:
         return {"kind": "hub", "name": self.name}
 
 
+def source_from_manifest(description: dict) -> ModelSource:
+    """The `ModelSource` a cache manifest's `settings.model` describes (so evals load the same model)."""
+    if description.get("kind") == "local":
+        return ModelSource(name=description["name"], path=description["path"])
+    return ModelSource(name=description.get("name", EMBEDDED_MODEL))
+
+
 def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32"):
     """A `HookedTransformer` in eval mode for `source`."""
     if source.path is not None:

@@ -1,1 +1,1 @@
-"""Placeholder package; see DESIGN.md."""
+"""Metrics over (checkpoint, cache, model): pure tensor functions plus thin drivers."""

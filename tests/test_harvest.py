@@ -155,3 +155,17 @@ def test_manifest_is_json_with_reproduction_settings(tmp_path, tiny_checkpoint, 
     for key in ("model", "hook_name", "corpus", "tokens", "context", "dtype", "bos_dropped"):
         assert key in m["settings"]
     assert all(len(s["sha256"]) == 64 for s in m["shards"])
+
+
+def test_sequence_tokens_rebuilds_contexts(tmp_path, tiny_checkpoint, text_corpus):
+    from activations.cache import sequence_tokens
+    from activations.models import ModelSource, source_from_manifest
+
+    run(tmp_path / "c", tiny_checkpoint, text_corpus)
+    m = read_manifest(tmp_path / "c")
+    model = load_local_checkpoint(tiny_checkpoint)
+    docs = [p.read_text() for p in sorted(text_corpus.glob("*.txt"))]
+    seqs = np.stack(list(pack_contexts(docs, model.tokenizer, 32))[: m["n_sequences"]])
+    np.testing.assert_array_equal(sequence_tokens(tmp_path / "c", np.array([0, 5, 3])), seqs[[0, 5, 3]])
+    assert source_from_manifest(m["settings"]["model"]) == ModelSource(name=tiny_checkpoint.name,
+                                                                       path=str(tiny_checkpoint.resolve()))
