@@ -26,6 +26,19 @@ HARVEST_HELP = {
     "overwrite": "replace an existing cache made with other settings",
     "progress": "progress bars",
 }
+EVAL_HELP = {
+    "cache": "activation cache the runs were trained on (its held-out split is used)",
+    "tokens": "held-out activation rows for core, density, independence",
+    "ce_contexts": "held-out contexts run through the model for CE / KL scores and ablations",
+    "ablation_latents": "how many of the most frequent latents to ablate (without --latents)",
+    "latents": "explicit latent ids to ablate",
+    "tsne_tokens": "held-out rows whose activations form the t-SNE profiles",
+    "batch_size": "rows per batch",
+    "device": "torch device",
+    "seed": "seed of sampling and t-SNE",
+    "labelled": "labelled data for SCR/TPP: offline (generated) or real (hub datasets)",
+    "progress": "progress bars",
+}
 TRAIN_HELP = {
     "out": "run directory (several SAEs: one subdirectory each)",
     "tokens": "training tokens (unset: --steps, else one epoch of the training split)",
@@ -216,6 +229,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from evals.driver import EvalConfig, evaluate, parse_metrics, table
+
+    cfg = _config(EvalConfig, args)
+    cfg.metrics = parse_metrics(args.metrics)
+    results = evaluate(args.runs, cfg)
+    print(table(results))
+    for run in results:
+        print(f"wrote {Path(run) / 'eval.json'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from activations.harvest import HarvestConfig, harvest
     from activations.tiny_model import ensure_tiny_model
@@ -252,6 +277,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from activations.harvest import DTYPES, HarvestConfig
     from activations.tiny_model import TinyModelConfig
+    from evals.driver import EvalConfig
     from vsae.config import B_DEC_INITS, DECODERS, PRESETS, VARIANCES, SAEConfig, TrainConfig
     from vsae.variants import VARIANTS
 
@@ -289,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run(s) in --out")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("eval", formatter_class=_Formatter, help="evaluate runs on a cache's held-out tokens",
+                       description="Compute metrics of one or more runs on the same held-out tokens; writes "
+                                   "RUN/eval.json and RUN/figures/*.html and prints a table.")
+    p.add_argument("runs", nargs="+", help="run directories (vsae or SAELens topk checkpoints)")
+    p.add_argument("--metrics", default="core,density",
+                   help="comma list of core,density,ablation,tpp,scr,independence,tsne, or all")
+    add_dataclass_args(p, EvalConfig, EVAL_HELP, skip=("metrics",), choices={"labelled": ("offline", "real")})
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("cache-info", formatter_class=_Formatter, help="print a cache's manifest, verify checksums",
                        description="Print an activation cache's manifest and verify its shard checksums.")
     p.add_argument("cache", help="cache directory")
@@ -315,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     from activations.cache import CacheError
     from activations.corpus import CorpusError
     from activations.models import HookNameError, ModelLoadError
+    from evals.driver import EvalError
     from vsae.checkpoint import CheckpointError
     from vsae.run import RunError
     from vsae.trainer import NonFiniteLoss
@@ -322,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CacheError, CorpusError, HookNameError, ModelLoadError, ValueError, RunError, CheckpointError,
-            NonFiniteLoss) as e:
+            NonFiniteLoss, EvalError) as e:
         print(f"vsae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
