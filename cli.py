@@ -39,6 +39,30 @@ EVAL_HELP = {
     "labelled": "labelled data for SCR/TPP: offline (generated) or real (hub datasets)",
     "progress": "progress bars",
 }
+DASHBOARD_HELP = {
+    "cache": "activation cache the run was trained on (every row is scanned unless --tokens)",
+    "out": "output directory (index.html, latent.html#ID, data/, assets/)",
+    "features": "latents to show: all | N (ids 0..N-1) | i,j,k | top-density:N (the N most frequent)",
+    "contexts": "top activating contexts per latent",
+    "quantile_samples": "contexts shown per activation-quantile band",
+    "quantile_bands": "activation-quantile bands per latent",
+    "tokens": "cache rows to scan, whole sequences (unset: the whole cache)",
+    "neighbours": "nearest latents by decoder cosine listed per latent",
+    "batch_size": "rows per batch (rounded down to whole sequences)",
+    "device": "torch device",
+    "seed": "seed of the uniform samples of firings",
+    "progress": "progress bar",
+}
+COMPARE_HELP = {
+    "cache": "activation cache: latent densities are measured on its held-out rows for the runs trained on it",
+    "out": "output HTML file (self-contained: plotly.js inlined)",
+    "dashboards": "dashboard directories of these runs (from vsae dashboard), for links into them",
+    "tokens": "held-out cache rows on which latent densities are measured",
+    "matches": "rows of the matched-latents table",
+    "batch_size": "rows per batch",
+    "device": "torch device",
+    "progress": "progress bar",
+}
 TRAIN_HELP = {
     "out": "run directory (several SAEs: one subdirectory each)",
     "tokens": "training tokens (unset: --steps, else one epoch of the training split)",
@@ -241,6 +265,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from dashboards.build import DashboardConfig, build_dashboard
+
+    r = build_dashboard(args.run, _config(DashboardConfig, args))
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items())
+    print(f"dashboard of {r['latents']} latents ({r['dead']} dead) over {r['tokens']:,} tokens written to "
+          f"{Path(r['out']) / 'index.html'} ({secs})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dashboards.compare import CompareConfig, compare_runs
+
+    r = compare_runs(args.runs, _config(CompareConfig, args))
+    print(f"comparison of {r['runs']} runs written to {r['out']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from activations.harvest import HarvestConfig, harvest
     from activations.tiny_model import ensure_tiny_model
@@ -277,6 +319,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from activations.harvest import DTYPES, HarvestConfig
     from activations.tiny_model import TinyModelConfig
+    from dashboards.build import DashboardConfig
+    from dashboards.compare import CompareConfig
     from evals.driver import EvalConfig
     from vsae.config import B_DEC_INITS, DECODERS, PRESETS, VARIANCES, SAEConfig, TrainConfig
     from vsae.variants import VARIANTS
@@ -324,6 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, EvalConfig, EVAL_HELP, skip=("metrics",), choices={"labelled": ("offline", "real")})
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("dashboard", formatter_class=_Formatter, help="HTML feature dashboard of a run",
+                       description="Gather every requested latent's statistics in one pass over the cache and "
+                                   "write an offline HTML dashboard: an index table and one page per latent.")
+    p.add_argument("run", help="run directory (vsae or SAELens topk checkpoint)")
+    add_dataclass_args(p, DashboardConfig, DASHBOARD_HELP)
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("compare", formatter_class=_Formatter, help="compare runs side by side on one HTML page",
+                       description="Config differences, metrics, density histograms, training curves, t-SNE maps "
+                                   "and latents matched by decoder cosine, for N runs on one offline page.")
+    p.add_argument("runs", nargs="+", help="run directories (at least two)")
+    add_dataclass_args(p, CompareConfig, COMPARE_HELP)
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("cache-info", formatter_class=_Formatter, help="print a cache's manifest, verify checksums",
                        description="Print an activation cache's manifest and verify its shard checksums.")
     p.add_argument("cache", help="cache directory")
@@ -350,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     from activations.cache import CacheError
     from activations.corpus import CorpusError
     from activations.models import HookNameError, ModelLoadError
+    from dashboards.build import DashboardError
     from evals.driver import EvalError
     from vsae.checkpoint import CheckpointError
     from vsae.run import RunError
@@ -358,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CacheError, CorpusError, HookNameError, ModelLoadError, ValueError, RunError, CheckpointError,
-            NonFiniteLoss, EvalError) as e:
+            NonFiniteLoss, EvalError, DashboardError) as e:
         print(f"vsae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -33,6 +33,7 @@ from activations.models import (
     check_hook,
     default_hook,
     load_model,
+    special_token_ids,
     stop_layer,
     tokenizer_id,
 )
@@ -111,6 +112,7 @@ def harvest(cfg: HarvestConfig) -> HarvestSummary:
         rows_per_sequence=rows_per_seq, n_shards=n_shards, stop_at_layer=layer,
         weight_processing="none (from_pretrained_no_processing)",
         bos_token_id=model.tokenizer.bos_token_id,
+        special_token_ids=sorted(special_token_ids(model.tokenizer)),
         harvest={"batch_size": cfg.batch_size, "device": cfg.device},
     )
     done = _verified_shards(out, manifest, d_in, cfg.dtype)

@@ -148,6 +148,16 @@ def stop_layer(model, hook_name: str) -> int | None:
     return None  # ln_final, unembed: the whole model runs
 
 
+# The tokenizer attributes SAELens's `get_special_token_ids` reads (sae_lens/util.py).
+_SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """The structural special ids SAELens excludes by default: BOS, EOS, PAD, SEP, decoder start (not chat tokens)."""
+    ids = (getattr(tokenizer, attr, None) for attr in _SPECIAL_TOKEN_ATTRS)
+    return {int(i) for i in ids if i is not None}
+
+
 def tokenizer_id(model, source: ModelSource) -> str:
     """A short identifier of the tokenizer, stored in the cache manifest."""
     tok = model.tokenizer

@@ -9,11 +9,11 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for command in ("build-tiny-model", "harvest", "train", "cache-info", "demo"):
+    for command in ("build-tiny-model", "harvest", "train", "eval", "cache-info", "demo"):
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["build-tiny-model", "harvest", "train", "cache-info", "demo"])
+@pytest.mark.parametrize("command", ["build-tiny-model", "harvest", "train", "eval", "cache-info", "demo"])
 def test_every_command_has_help_with_defaults(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

@@ -1,0 +1,246 @@
+"""`vsae dashboard`: read a run and a cache, gather every latent's statistics in one pass, write the pages.
+
+All I/O of the dashboard lives here; the statistics are tensor code in `gather.py` / `weights.py`, the pages are
+assembled in `feature_pages.py` / `index_page.py`.
+
+Output directory:
+  index.html, latent.html          the index and the one latent page (latent.html#ID)
+  assets/plotly.min.js, vsae.js/css  plotly.js once, the page script and stylesheet
+  data/index.js, data/tsne.js      the index table and figures; t-SNE coordinates when eval made them
+  data/latents/ID.js               one latent's data, loaded when its page opens
+  dashboard.json                   what was built from what (read by `vsae compare` to link here)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from activations.cache import manifest_hash, open_shards
+from activations.loader import ActivationLoader
+from dashboards.feature_pages import (
+    LATENT_DIR,
+    LatentExtras,
+    TokenText,
+    latent_documents,
+    write_latent_page,
+    write_latent_shell,
+)
+from dashboards.figures import density_histogram_figure, tsne_figure
+from dashboards.gather import GatherConfig, Gatherer, log10_density_histogram, select_firings, sparse_codes
+from dashboards.html import data_script, figure_data, install_assets, write_text
+from dashboards.index_page import index_row, summary_html, write_index
+from dashboards.run_info import RunInfo, eval_density_histogram, eval_figure_files, eval_tsne_maps, read_run
+from dashboards.weights import decoder_neighbours, logit_effects
+from vsae.checkpoint import read_sae
+
+DASHBOARD_META = "dashboard.json"
+
+
+class DashboardError(RuntimeError):
+    """A run, cache or option the dashboard cannot be built from as asked."""
+
+
+@dataclass
+class DashboardConfig:
+    cache: str
+    out: str
+    features: str = "all"  # all | N (latents 0..N-1) | i,j,k | top-density:N
+    contexts: int = 20  # top activating contexts per latent
+    quantile_samples: int = 4  # contexts shown per activation-quantile band
+    quantile_bands: int = 5
+    tokens: int | None = None  # cache rows to scan (whole sequences; None: the whole cache)
+    neighbours: int = 10
+    batch_size: int = 4096
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+
+def parse_features(spec: str, d_sae: int) -> tuple[torch.Tensor, int | None]:
+    """(latent ids to gather, N of top-density:N or None)."""
+    spec = spec.strip()
+    if spec == "all":
+        return torch.arange(d_sae), None
+    if spec.startswith("top-density:"):
+        n = spec.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--features {spec}: expected top-density:N with N a positive integer")
+        return torch.arange(d_sae), min(int(n), d_sae)
+    if spec.isdigit():
+        if int(spec) < 1:
+            raise ValueError("--features N needs N >= 1")
+        return torch.arange(min(int(spec), d_sae)), None
+    try:
+        ids = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"--features {spec!r}: expected all, N, a comma list of ids, or top-density:N") from None
+    bad = [i for i in ids if not 0 <= i < d_sae]
+    if bad or not ids:
+        raise ValueError(f"--features {spec!r}: latent ids must be in 0..{d_sae - 1}" + (f", got {bad}" if bad else ""))
+    return torch.tensor(ids), None
+
+
+def check_run_matches_cache(info: RunInfo, manifest: dict, d_in: int, cache: str) -> None:
+    settings = manifest["settings"]
+    if d_in != int(manifest["d_in"]):
+        raise DashboardError(f"run {info.path} has d_in {d_in} but the cache {cache} has width {manifest['d_in']}; "
+                             f"use the cache the run was trained on")
+    if info.hook_name and info.hook_name != settings["hook_name"]:
+        raise DashboardError(f"run {info.path} reads hook {info.hook_name} but the cache {cache} holds "
+                             f"{settings['hook_name']}; use a cache of the same hook")
+    cache_model = settings["model"].get("name") if isinstance(settings["model"], dict) else None
+    if info.model_name and cache_model and info.model_name != cache_model:
+        raise DashboardError(f"run {info.path} was trained on model {info.model_name} but the cache {cache} comes "
+                             f"from {cache_model}; use a cache of the same model")
+
+
+def gather(sae, cache: str, rows_per_seq: int, latents: torch.Tensor, cfg: DashboardConfig) -> tuple:
+    """One pass over the cache, in batches of whole sequences: (LatentStats, rows scanned)."""
+    R = rows_per_seq
+    loader = ActivationLoader(cache, R * max(1, cfg.batch_size // R), split="all", shuffle=False)
+    n_rows = loader.n_tokens if cfg.tokens is None else min(loader.n_tokens, -(-cfg.tokens // R) * R)
+    if n_rows <= 0:
+        raise DashboardError(f"the cache {cache} has no rows to scan")
+    position = None
+    if latents.numel() != sae.d_sae or not torch.equal(latents, torch.arange(sae.d_sae)):
+        position = torch.full((sae.d_sae,), -1, dtype=torch.int64, device=cfg.device)
+        position[latents.to(cfg.device)] = torch.arange(latents.numel(), device=cfg.device)
+    g = Gatherer(latents, R, GatherConfig(n_top=cfg.contexts, seed=cfg.seed,
+                                          n_reservoir=max(60, 3 * cfg.quantile_bands * cfg.quantile_samples)))
+    first = 0
+    bar = tqdm(total=n_rows, unit="tok", unit_scale=True, desc="dashboard", disable=not cfg.progress)
+    with torch.no_grad():
+        for x in loader:
+            x = x[: n_rows - first].to(cfg.device)
+            vals, idx = sparse_codes(sae, x)
+            rows, lat, v = select_firings(vals, idx, position)
+            g.update(rows, lat, v, x.shape[0], first)
+            first += x.shape[0]
+            bar.update(x.shape[0])
+            if first >= n_rows:
+                break
+    bar.close()
+    return g.result(), n_rows
+
+
+def _model_or_none(manifest: dict, device: str):
+    from activations.models import load_model, source_from_manifest
+
+    model = manifest["settings"]["model"]
+    if not isinstance(model, dict) or model.get("kind") == "synthetic":
+        return None
+    return load_model(source_from_manifest(model), device=device)
+
+
+def build_dashboard(run: str | Path, cfg: DashboardConfig) -> dict:
+    """Write the dashboard of `run` into `cfg.out`; returns a summary (paths, counts, seconds per stage)."""
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    run = Path(run)
+    out = Path(cfg.out)
+    if cfg.contexts < 1 or cfg.quantile_samples < 0 or cfg.quantile_bands < 1:
+        raise ValueError("--contexts and --quantile-bands must be >= 1, --quantile-samples >= 0")
+    sae, _ = read_sae(run, device=cfg.device)
+    info = read_run(run)
+    manifest, _, toks = open_shards(cfg.cache)
+    check_run_matches_cache(info, manifest, sae.d_in, cfg.cache)
+    latents, top_density = parse_features(cfg.features, sae.d_sae)
+
+    stats, n_rows = gather(sae, cfg.cache, int(manifest["rows_per_sequence"]), latents, cfg)
+    if top_density is not None:
+        keep = torch.argsort(stats.count, descending=True, stable=True)[:top_density].sort().values
+        stats = stats.take(keep)
+        latents = stats.latents
+    times["gather"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    notices = []
+    model = _model_or_none(manifest, cfg.device)
+    W_dec = sae.W_dec.float()
+    logits = None
+    if model is None:
+        notices.append("The cache names no loadable model (synthetic activations): tokens are shown as ids and "
+                       "there are no logit effects.")
+        text = TokenText(None)
+    else:
+        text = TokenText(model.tokenizer)
+        ln = getattr(getattr(model, "ln_final", None), "w", None)
+        with torch.no_grad():
+            logits = logit_effects(W_dec[latents.to(W_dec.device)], model.W_U.detach(),
+                                   ln.detach() if ln is not None else None)
+        logits = tuple(x.cpu() for x in logits)
+    with torch.no_grad():
+        cos, nb_ids = decoder_neighbours(W_dec, latents.to(W_dec.device), n=cfg.neighbours)
+    times["weights"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ablation = {int(k): v for k, v in ((info.metrics.get("ablation") or {}).get("latents") or {}).items()
+                if str(k).lstrip("-").isdigit() and isinstance(v, dict)}
+    tsne_maps = eval_tsne_maps(info)
+    tsne_pos = {name: {int(i): (float(x), float(y)) for i, (x, y) in zip(m["latent_ids"], m["coords"], strict=False)}
+                for name, m in tsne_maps.items()}
+    extras = LatentExtras(run_name=run.name, neighbour_cos=cos.cpu(), neighbour_ids=nb_ids.cpu(), logits=logits,
+                          ablation=ablation, tsne=tsne_pos or None, n_bands=cfg.quantile_bands,
+                          per_band=cfg.quantile_samples)
+    token_ids = np.concatenate([tk[:, 0] for tk in toks])[:n_rows]
+
+    out.mkdir(parents=True, exist_ok=True)
+    stale = out / LATENT_DIR
+    if stale.is_dir():
+        for f in stale.glob("*.js"):
+            f.unlink()
+    install_assets(out)
+    write_latent_shell(out, run.name)
+    has_page = set(latents.tolist())
+    rows = []
+    for doc in latent_documents(stats, token_ids, text, extras, has_page):
+        write_latent_page(out, doc)
+        rows.append(index_row(doc))
+    if tsne_maps:
+        write_text(out / "data" / "tsne.js", data_script("tsneMaps", {
+            name: {"x": [c[0] for c in m["coords"]], "y": [c[1] for c in m["coords"]], "ids": m["latent_ids"]}
+            for name, m in tsne_maps.items()}))
+
+    n_dead = int(stats.dead.sum())
+    shown = "all" if latents.numel() == sae.d_sae else f"{latents.numel()} ({cfg.features})"
+    figures = [["fig-density", figure_data(density_histogram_figure(
+        {"scanned tokens": log10_density_histogram(stats.density.numpy(), n_rows)},
+        f"log10 density of the {latents.numel()} latents shown, over {n_rows:,} cache tokens")), False]]
+    eval_hist = eval_density_histogram(info)
+    if eval_hist:
+        n_eval = (info.metrics.get("density") or {}).get("n_tokens")
+        figures.append(["fig-eval-density", figure_data(density_histogram_figure(
+            {"eval": eval_hist}, f"log10 density of all latents on the eval split ({n_eval or '?'} tokens)")),
+            False])
+    for name, m in tsne_maps.items():
+        figures.append([f"fig-tsne-{len(figures)}", figure_data(tsne_figure(m, f"t-SNE of {name} (click a latent)")),
+                        True])
+    core = {k: v for k, v in (info.metrics.get("core") or {}).items()}
+    density_eval = {k: v for k, v in (info.metrics.get("density") or {}).items()
+                    if not isinstance(v, list | dict)}
+    last_log = info.log[-1] if info.log else {}
+    summary = summary_html({
+        "run": {"name": run.name, "path": str(run), **info.config()},
+        "dashboard scan": {"cache": cfg.cache, "cache hash": manifest_hash(manifest), "tokens scanned": n_rows,
+                           "latents shown": shown, "dead among shown": n_dead,
+                           "dead fraction among shown": n_dead / max(latents.numel(), 1)},
+        "training (last log line)": {k: v for k, v in last_log.items() if not isinstance(v, list | dict)},
+        "eval: core": core,
+        "eval: density": density_eval,
+    })
+    links = [(label, os.path.relpath(path, out)) for label, path in eval_figure_files(info)]
+    write_index(out, f"{run.name}: SAE dashboard", summary, rows, figures, notices, links)
+    meta = {"run": str(run.resolve()), "run_name": run.name, "cache": str(Path(cfg.cache).resolve()),
+            "cache_hash": manifest_hash(manifest), "n_tokens": n_rows, "latents": latents.tolist(),
+            "n_dead": n_dead, "settings": asdict(cfg)}
+    write_text(out / DASHBOARD_META, json.dumps(meta) + "\n")
+    times["write"] = time.perf_counter() - t
+    return {"out": str(out), "latents": latents.numel(), "dead": n_dead, "tokens": n_rows, "seconds": times}

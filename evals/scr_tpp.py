@@ -1,0 +1,473 @@
+"""SCR (spurious correlation removal) and TPP (targeted probe perturbation), after SAEBench 0.4 (METRICS.md 3-5).
+
+Both train linear probes on mean-pooled *model* activations (evals/probes.py), rank SAE latents by how much they
+move a probe, ablate the top N latents with the SAE error term added back, and read probe accuracies again. The
+SAE enters only through ranking and ablation, so the scores measure how well its latents separate concepts, not
+how well it reconstructs.
+
+Latent ranking (SAEBench `get_effects_per_class_precomputed_acts`), on the probe's own training set:
+    effect_i = (mean_pos f_i - mean_neg f_i) * (w . W_dec[i])
+where f is the SAE latent vector averaged over a text's real tokens (each token encoded, then pooled) and w the
+probe weight. SCR ranks by |effect|; TPP clamps the mean difference at >= 0 first and takes no abs. The top
+k = min(N, #nonzero effects) latents are ablated (`select_top_latents`).
+
+Ablation (SAEBench `ablated_precomputed_activations`): z = encode(x); x' = decode(z with the chosen latents zeroed)
++ (x - decode(z)). With no latents chosen x' = x exactly, so ablated accuracy equals clean accuracy.
+
+Deliberate differences from SAEBench, all also in DESIGN.md:
+- Probes are selected on a validation split (evals/probes.py `train_probe`); SAEBench keeps the probe epoch with
+  the best *test* accuracy.
+- Padded positions are never ablated or pooled; SAEBench ablates them too, which shifts pooled activations by
+  -sum_{i in S} f_i(0) d_i times the padding fraction (METRICS.md section 3, step 7).
+- Mean latent differences are means over the whole training set; SAEBench averages per-batch (125) means,
+  which is the same up to the last, smaller batch.
+- TPP: each probe's negatives (ceil(n_pos / (C - 1)) per other class, cut to n_pos) are drawn once per split
+  with the seed and kept; SAEBench redraws them at every accuracy evaluation, which adds sampling noise to each
+  difference (METRICS.md section 5 pitfall).
+- Probes are scikit-learn L1 logistic regressions rather than AdamW-trained linear layers, so the biased probe's
+  reliance on the spurious attribute (hence A_base) differs from SAEBench's for the same data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from torch import Tensor
+
+from evals.labelled import LabelledSet
+from evals.probes import (
+    Ablation,
+    TokenActivations,
+    probe_accuracy,
+    segment_mean,
+    token_activations,
+    train_probe,
+)
+from vsae.checkpoint import SAEWeights
+
+N_VALUES = (2, 5, 10, 20, 50, 100, 500)  # SAEBench's defaults
+SEED = 42  # SAEBench's random_seed
+# SCR scores are set to 0 when A_oracle - A_base is below this (SAEBench: no epsilon, no clamp otherwise).
+MIN_SCR_DENOMINATOR = 0.001
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SAE pieces: ablation, pooled latents, attribution, selection
+
+
+def sae_ablation(sae: SAEWeights, latents: Sequence[int] | Tensor) -> Ablation:
+    """x -> decode(z with `latents` zeroed) + (x - decode(z)), z = encode(x): ablation with the error added back.
+
+    The decoder is affine (z @ W_dec + b_dec), so this equals x - z[:, S] @ W_dec[S], which is what is computed:
+    one encode and a small matmul instead of two full decodes. An empty S returns x itself.
+    """
+    idx = torch.as_tensor(latents, dtype=torch.long, device=sae.W_dec.device).flatten()
+
+    def ablate(x: Tensor) -> Tensor:
+        if idx.numel() == 0:
+            return x
+        z = sae.encode(x.to(sae.W_dec.device))
+        return (x - (z[:, idx] @ sae.W_dec[idx]).to(x.device, x.dtype)).to(x.dtype)
+
+    return ablate
+
+
+def pooled_latents(tokens: TokenActivations, sae: SAEWeights, batch_tokens: int = 1 << 13) -> Tensor:
+    """SAE latents averaged over each text's real tokens [n, d_sae] (each token encoded, then pooled)."""
+    device = sae.W_enc.device
+    out = torch.zeros(len(tokens), sae.d_sae)
+    with torch.no_grad():
+        for rows, acts, counts in tokens.batches(batch_tokens):
+            out[rows] = segment_mean(sae.encode(acts.to(device)), counts)
+    return out
+
+
+def ablated_pooled(pooled: Tensor, latents: Tensor, W_dec: Tensor, chosen: Tensor) -> Tensor:
+    """Pooled activations after ablating `chosen` at every real token: pooled - latents[:, S] @ W_dec[S].
+
+    Per token the ablation changes x by -z_S(x) @ W_dec[S] (`sae_ablation`), and pooling is a mean over real
+    tokens, so the pooled change is minus the pooled z_S times W_dec[S]: one encode pass per SAE serves every N.
+    `latents` are `pooled_latents` of the same texts as `pooled`.
+    """
+    if chosen.numel() == 0:
+        return pooled
+    return pooled - latents[:, chosen] @ W_dec[chosen].float().cpu()
+
+
+def latent_mean_differences(
+    tokens: TokenActivations, sae: SAEWeights, contrasts: Tensor, batch_tokens: int = 1 << 13
+) -> Tensor:
+    """contrasts.T @ pooled latents, [m, d_sae], in one pass over the tokens without keeping [n, d_sae].
+
+    Column j of `contrasts` [n, m] is +1/n_pos on task j's positives, -1/n_neg on its negatives and 0 elsewhere,
+    so row j of the result is mean_pos f - mean_neg f for task j.
+    """
+    device = sae.W_enc.device
+    out = torch.zeros(contrasts.shape[1], sae.d_sae, dtype=torch.float64)
+    with torch.no_grad():
+        for rows, acts, counts in tokens.batches(batch_tokens):
+            pooled = segment_mean(sae.encode(acts.to(device)), counts).double()
+            out += contrasts[rows].double().T @ pooled
+    return out.float()
+
+
+def contrast(n: int, positives: np.ndarray, negatives: np.ndarray) -> Tensor:
+    """A column for `latent_mean_differences`: +1/|positives| at positives, -1/|negatives| at negatives."""
+    c = torch.zeros(n, dtype=torch.float64)
+    c[torch.as_tensor(positives)] = 1.0 / len(positives)
+    c[torch.as_tensor(negatives)] = -1.0 / len(negatives)
+    return c
+
+
+def attribution_effects(mean_difference: Tensor, probe_weight: Tensor, W_dec: Tensor, scr: bool) -> Tensor:
+    """SAEBench's effect_i = (mean_pos f_i - mean_neg f_i) * (w . W_dec[i]); |.| for SCR, difference >= 0 for TPP."""
+    dot = W_dec.float().cpu() @ probe_weight.float().cpu()
+    diff = mean_difference.float().cpu()
+    if scr:
+        return (diff * dot).abs()
+    return diff.clamp(min=0) * dot
+
+
+def select_top_latents(effects: Tensor, n: int) -> Tensor:
+    """The k = min(n, #nonzero effects) latents of largest effect, largest first (SAEBench `select_top_n_features`)."""
+    if n > effects.numel():
+        raise ValueError(f"N={n} exceeds d_sae={effects.numel()}; use smaller n_values")
+    k = min(n, int((effects != 0).sum()))
+    return effects.topk(k).indices if k else torch.zeros(0, dtype=torch.long)
+
+
+def _check_n_values(n_values: Sequence[int], d_sae: int) -> list[int]:
+    ns = [int(n) for n in n_values]
+    bad = [n for n in ns if not 0 <= n <= d_sae]
+    if bad:
+        raise ValueError(f"n_values {bad} are outside 0..d_sae={d_sae} (SAEBench asserts N <= d_sae)")
+    return ns
+
+
+def _weight(probe: LogisticRegression) -> Tensor:
+    return torch.as_tensor(probe.coef_[0], dtype=torch.float32)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SCR
+
+
+@dataclass
+class ScrProbes:
+    """The three SCR probes (biased, target = oracle, spurious) and their clean test accuracies."""
+
+    biased: LogisticRegression
+    target: LogisticRegression
+    spurious: LogisticRegression
+    accuracy: dict[str, float]
+
+
+def fit_scr_probes(pooled: Tensor, data: LabelledSet, seed: int = SEED) -> ScrProbes:
+    """Train the SCR probes on pooled activations of all of `data`'s texts [n, d]; SAE-independent, fit once.
+
+    - biased: target labels on split "train" (rho = 1), selected on the validation texts with target == spurious
+      (SAEBench's biased test set is likewise its diagonal quadrants);
+    - target (oracle) and spurious: their labels on "train_balanced", selected on "validation".
+    Clean accuracies on "test": oracle_target, oracle_spurious, base_target (A_base,1: biased probe on the target
+    labels) and base_spurious (A_base,2: biased probe on the spurious labels).
+    """
+    target, spurious = data.roles["target"], data.roles["spurious"]
+    X = pooled
+    val = data.splits["validation"]
+    val_diagonal = val[data.labels[target][val] == data.labels[spurious][val]]
+
+    def fit(split: str, attr: str, val_rows: np.ndarray) -> LogisticRegression:
+        rows = data.splits[split]
+        return train_probe(X[rows], data.labels[attr][rows], X[val_rows], data.labels[attr][val_rows], seed=seed)
+
+    probes = ScrProbes(
+        biased=fit("train", target, val_diagonal),
+        target=fit("train_balanced", target, val),
+        spurious=fit("train_balanced", spurious, val),
+        accuracy={},
+    )
+    test = data.splits["test"]
+    y_t, y_s = data.labels[target][test], data.labels[spurious][test]
+    probes.accuracy = {
+        "oracle_target": probe_accuracy(probes.target, X[test], y_t),
+        "oracle_spurious": probe_accuracy(probes.spurious, X[test], y_s),
+        "base_target": probe_accuracy(probes.biased, X[test], y_t),
+        "base_spurious": probe_accuracy(probes.biased, X[test], y_s),
+    }
+    return probes
+
+
+def scr_score(a_ablated: float, a_base: float, a_oracle: float) -> float:
+    """(A_abl - A_base) / (A_oracle - A_base); 0 when the denominator is < 0.001 (SAEBench), never clamped."""
+    denominator = a_oracle - a_base
+    return 0.0 if denominator < MIN_SCR_DENOMINATOR else (a_ablated - a_base) / denominator
+
+
+def scr_from_activations(
+    tokens: TokenActivations,
+    data: LabelledSet,
+    sae: SAEWeights,
+    n_values: Sequence[int] = N_VALUES,
+    seed: int = SEED,
+    probes: ScrProbes | None = None,
+    pooled: Tensor | None = None,
+) -> dict[str, Any]:
+    """SCR of `sae` from token activations of all of `data`'s texts (tokens row i = data.texts[i]).
+
+    dir1: ablate the top-N latents by the spurious probe's attribution (on "train_balanced", spurious labels);
+    S1 = (A_abl - A_base,1) / (A_oracle(target) - A_base,1), A_abl = biased probe on the target labels of the
+    ablated test set. dir2: the same with the target probe's latents, the spurious labels and A_oracle(spurious).
+    `scr_metric_threshold_N` is S1 when A_base,1 < A_base,2 (the biased probe leaned on the spurious attribute),
+    S2 when A_base,1 > A_base,2, and None when they are equal (SAEBench then writes no key).
+    Pass `probes` / `pooled` (from a previous call) to reuse them across SAEs.
+    """
+    ns = _check_n_values(n_values, sae.d_sae)
+    target, spurious = data.roles["target"], data.roles["spurious"]
+    pooled = tokens.pooled() if pooled is None else pooled
+    probes = fit_scr_probes(pooled, data, seed) if probes is None else probes
+    acc = probes.accuracy
+
+    # Attribution for both directions in one pass over the balanced training texts.
+    train = data.splits["train_balanced"]
+    train_tokens = tokens.select(train)
+    contrasts = torch.stack(
+        [contrast(len(train), np.flatnonzero(data.labels[a][train] == 1), np.flatnonzero(data.labels[a][train] == 0))
+         for a in (spurious, target)], dim=1,
+    )
+    diff_spurious, diff_target = latent_mean_differences(train_tokens, sae, contrasts)
+    effects = {
+        "dir1": attribution_effects(diff_spurious, _weight(probes.spurious), sae.W_dec, scr=True),
+        "dir2": attribution_effects(diff_target, _weight(probes.target), sae.W_dec, scr=True),
+    }
+    max_n = max(ns, default=0)
+    ranking = {d: select_top_latents(e, max_n) for d, e in effects.items()}
+
+    test = data.splits["test"]
+    test_pooled, test_latents = pooled[test], pooled_latents(tokens.select(test), sae)
+    labels = {"dir1": data.labels[target][test], "dir2": data.labels[spurious][test]}
+    base = {"dir1": acc["base_target"], "dir2": acc["base_spurious"]}
+    oracle = {"dir1": acc["oracle_target"], "dir2": acc["oracle_spurious"]}
+    metrics: dict[str, float | None] = {}
+    ablated: dict[str, dict[int, float]] = {"dir1": {}, "dir2": {}}
+    n_selected: dict[str, dict[int, int]] = {"dir1": {}, "dir2": {}}
+    with torch.no_grad():
+        for n in ns:
+            for direction in ("dir1", "dir2"):
+                chosen = ranking[direction][:n]
+                X_abl = ablated_pooled(test_pooled, test_latents, sae.W_dec, chosen)
+                a_abl = probe_accuracy(probes.biased, X_abl, labels[direction])
+                ablated[direction][n] = a_abl
+                n_selected[direction][n] = len(chosen)
+                metrics[f"scr_{direction}_threshold_{n}"] = scr_score(a_abl, base[direction], oracle[direction])
+            if acc["base_target"] < acc["base_spurious"]:
+                metrics[f"scr_metric_threshold_{n}"] = metrics[f"scr_dir1_threshold_{n}"]
+            elif acc["base_target"] > acc["base_spurious"]:
+                metrics[f"scr_metric_threshold_{n}"] = metrics[f"scr_dir2_threshold_{n}"]
+            else:
+                metrics[f"scr_metric_threshold_{n}"] = None
+    return {
+        "metrics": metrics,
+        "scr_metric_mean": _mean([metrics[f"scr_metric_threshold_{n}"] for n in ns]),
+        "n_values": ns,
+        "target": target,
+        "spurious": spurious,
+        "accuracy": dict(acc),
+        "ablated_accuracy": ablated,
+        # Top-N is a prefix of the ranking: latents ranking[d][:n_selected[d][N]] were ablated at N.
+        "ranked_latents": {d: r.tolist() for d, r in ranking.items()},
+        "ranked_effects": {d: effects[d][r].tolist() for d, r in ranking.items()},
+        "n_selected": n_selected,
+        "probe_C": {"biased": probes.biased.C_, "target": probes.target.C_, "spurious": probes.spurious.C_},
+        "n_texts": {name: len(rows) for name, rows in data.splits.items()},
+        "dataset": data.description,
+        "seed": seed,
+    }
+
+
+def scr_scores(
+    model,
+    hook_name: str,
+    sae: SAEWeights,
+    data: LabelledSet,
+    n_values: Sequence[int] = N_VALUES,
+    context: int = 128,
+    batch_size: int = 64,
+    device: str = "cpu",
+    prepend_bos: bool = True,
+    seed: int = SEED,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """SCR of `sae` at `hook_name` of `model` on `data` (METRICS.md section 4; see `scr_from_activations`).
+
+    For several SAEs on one model and set, call `token_activations` once and `scr_from_activations` per SAE.
+    """
+    tokens = token_activations(model, hook_name, data.texts, context, batch_size, device, prepend_bos, progress)
+    return scr_from_activations(tokens, data, sae, n_values, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TPP
+
+
+@dataclass
+class TppProbes:
+    """One one-vs-rest probe per class, the rows each probe uses per split, and clean test accuracies."""
+
+    probes: list[LogisticRegression]
+    rows: list[dict[str, tuple[np.ndarray, np.ndarray]]]  # per class: split -> (positive rows, negative rows)
+    accuracy: list[float]
+    class_names: tuple[str, ...]
+
+
+def one_vs_rest_rows(labels: np.ndarray, rows: np.ndarray, c: int, n_classes: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Class c's rows of `rows` as positives, and as many negatives: ceil(n_pos / (C - 1)) drawn from each other
+    class, then cut to n_pos. As SAEBench's TPP negatives (METRICS.md section 5), but drawn once and kept."""
+    pos = rows[labels[rows] == c]
+    per_class = math.ceil(len(pos) / (n_classes - 1))
+    negs = []
+    for other in range(n_classes):
+        if other != c:
+            candidates = rows[labels[rows] == other]
+            negs.append(rng.permutation(candidates)[:per_class])
+    neg = rng.permutation(np.concatenate(negs))[: len(pos)]
+    return pos, neg
+
+
+def fit_tpp_probes(pooled: Tensor, data: LabelledSet, seed: int = SEED) -> TppProbes:
+    """One probe per class on "train" (class vs sampled others), selected on "validation", scored on "test"."""
+    attr = data.roles["classes"]
+    labels = data.labels[attr]
+    names = data.class_names[attr]
+    n_classes = len(names)
+    if n_classes < 2:
+        raise ValueError(f"TPP needs >= 2 classes, {attr!r} has {n_classes}")
+    rng = np.random.default_rng(seed)
+    probes, rows, accuracy = [], [], []
+    for c in range(n_classes):
+        split_rows = {s: one_vs_rest_rows(labels, data.splits[s], c, n_classes, rng)
+                      for s in ("train", "validation", "test")}
+        X, y = {}, {}
+        for s, (pos, neg) in split_rows.items():
+            X[s] = pooled[np.concatenate([pos, neg])]
+            y[s] = np.concatenate([np.ones(len(pos), dtype=np.int64), np.zeros(len(neg), dtype=np.int64)])
+        probe = train_probe(X["train"], y["train"], X["validation"], y["validation"], seed=seed)
+        probes.append(probe)
+        rows.append(split_rows)
+        accuracy.append(probe_accuracy(probe, X["test"], y["test"]))
+    return TppProbes(probes, rows, accuracy, tuple(names))
+
+
+def tpp_from_activations(
+    tokens: TokenActivations,
+    data: LabelledSet,
+    sae: SAEWeights,
+    n_values: Sequence[int] = N_VALUES,
+    seed: int = SEED,
+    probes: TppProbes | None = None,
+    pooled: Tensor | None = None,
+) -> dict[str, Any]:
+    """TPP of `sae` from token activations of all of `data`'s texts (tokens row i = data.texts[i]).
+
+    For each class i and N: ablate the top-N latents of probe i's attribution on the whole test split, and with
+    Delta_j = A_j(clean) - A_j(ablated) for every probe j on its own test rows,
+    TPP_i(N) = Delta_i - mean_{j != i} Delta_j. `tpp_threshold_N_total_metric` is the mean of TPP_i over classes;
+    `..._intended_diff_only` the mean Delta_i, `..._unintended_diff_only` the mean of mean_{j != i} Delta_j
+    (SAEBench's names). Higher is better; 0 means the ablation did nothing selective.
+    """
+    ns = _check_n_values(n_values, sae.d_sae)
+    pooled = tokens.pooled() if pooled is None else pooled
+    probes = fit_tpp_probes(pooled, data, seed) if probes is None else probes
+    n_classes = len(probes.probes)
+
+    # Attribution of every class in one pass over the training texts.
+    train = data.splits["train"]
+    position = np.full(len(data.texts), -1)
+    position[train] = np.arange(len(train))
+    contrasts = torch.stack(
+        [contrast(len(train), position[probes.rows[c]["train"][0]], position[probes.rows[c]["train"][1]])
+         for c in range(n_classes)], dim=1,
+    )
+    diffs = latent_mean_differences(tokens.select(train), sae, contrasts)
+    max_n = max(ns, default=0)
+    effects = [attribution_effects(diffs[c], _weight(probes.probes[c]), sae.W_dec, scr=False)
+               for c in range(n_classes)]
+    ranking = [select_top_latents(e, max_n) for e in effects]
+
+    test = data.splits["test"]
+    test_pooled, test_latents = pooled[test], pooled_latents(tokens.select(test), sae)
+    position = np.full(len(data.texts), -1)
+    position[test] = np.arange(len(test))
+    test_sets = []
+    for c in range(n_classes):
+        pos, neg = probes.rows[c]["test"]
+        y = np.concatenate([np.ones(len(pos), dtype=np.int64), np.zeros(len(neg), dtype=np.int64)])
+        test_sets.append((position[np.concatenate([pos, neg])], y))
+
+    metrics: dict[str, float] = {}
+    per_class: dict[int, dict[str, dict[str, float]]] = {}
+    ablated_accuracy: dict[int, dict[str, list[float]]] = {}
+    n_selected: dict[int, dict[str, int]] = {}
+    names = probes.class_names
+    with torch.no_grad():
+        for n in ns:
+            per_class[n], ablated_accuracy[n], n_selected[n] = {}, {}, {}
+            for i in range(n_classes):
+                chosen = ranking[i][:n]
+                X_abl = ablated_pooled(test_pooled, test_latents, sae.W_dec, chosen)
+                accs = [probe_accuracy(probes.probes[j], X_abl[rows], y) for j, (rows, y) in enumerate(test_sets)]
+                delta = [probes.accuracy[j] - accs[j] for j in range(n_classes)]
+                intended = delta[i]
+                unintended = float(np.mean([delta[j] for j in range(n_classes) if j != i]))
+                per_class[n][names[i]] = {"total_metric": intended - unintended, "intended_diff_only": intended,
+                                          "unintended_diff_only": unintended}
+                ablated_accuracy[n][names[i]] = accs
+                n_selected[n][names[i]] = len(chosen)
+            for key in ("total_metric", "intended_diff_only", "unintended_diff_only"):
+                metrics[f"tpp_threshold_{n}_{key}"] = float(np.mean([v[key] for v in per_class[n].values()]))
+    return {
+        "metrics": metrics,
+        "tpp_total_metric_mean": _mean([metrics[f"tpp_threshold_{n}_total_metric"] for n in ns]),
+        "n_values": ns,
+        "classes": list(names),
+        "clean_accuracy": dict(zip(names, probes.accuracy, strict=True)),
+        # ablated_accuracy[N][ablated class] lists every probe's accuracy, in `classes` order.
+        "ablated_accuracy": ablated_accuracy,
+        "per_class": per_class,
+        "ranked_latents": {names[c]: ranking[c].tolist() for c in range(n_classes)},
+        "ranked_effects": {names[c]: effects[c][ranking[c]].tolist() for c in range(n_classes)},
+        "n_selected": n_selected,
+        "probe_C": {names[c]: probes.probes[c].C_ for c in range(n_classes)},
+        "n_texts": {name: len(rows) for name, rows in data.splits.items()},
+        "dataset": data.description,
+        "seed": seed,
+    }
+
+
+def tpp_scores(
+    model,
+    hook_name: str,
+    sae: SAEWeights,
+    data: LabelledSet,
+    n_values: Sequence[int] = N_VALUES,
+    context: int = 128,
+    batch_size: int = 64,
+    device: str = "cpu",
+    prepend_bos: bool = True,
+    seed: int = SEED,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """TPP of `sae` at `hook_name` of `model` on `data` (METRICS.md section 5; see `tpp_from_activations`)."""
+    tokens = token_activations(model, hook_name, data.texts, context, batch_size, device, prepend_bos, progress)
+    return tpp_from_activations(tokens, data, sae, n_values, seed=seed)
