@@ -227,15 +227,17 @@ def build_dashboard(run: str | Path, cfg: DashboardConfig) -> dict:
     density_eval = {k: v for k, v in (info.metrics.get("density") or {}).items()
                     if not isinstance(v, list | dict)}
     last_log = info.log[-1] if info.log else {}
+    config = info.config()
+    headline = ("architecture", "sae.variant", "d_in", "d_sae", "k", "hook_name", "model", "tokens_seen")
     summary = summary_html({
-        "run": {"name": run.name, "path": str(run), **info.config()},
+        "run": {"name": run.name, "path": str(run), **{k: config[k] for k in headline if k in config}},
         "dashboard scan": {"cache": cfg.cache, "cache hash": manifest_hash(manifest), "tokens scanned": n_rows,
                            "latents shown": shown, "dead among shown": n_dead,
                            "dead fraction among shown": n_dead / max(latents.numel(), 1)},
         "training (last log line)": {k: v for k, v in last_log.items() if not isinstance(v, list | dict)},
         "eval: core": core,
         "eval: density": density_eval,
-    })
+    }, {"full configuration": config})
     links = [(label, os.path.relpath(path, out)) for label, path in eval_figure_files(info)]
     write_index(out, f"{run.name}: SAE dashboard", summary, rows, figures, notices, links)
     meta = {"run": str(run.resolve()), "run_name": run.name, "cache": str(Path(cfg.cache).resolve()),

@@ -39,15 +39,18 @@ def index_row(doc: dict, n_tokens: int = 3) -> list:
             ablation, doc["dead"]]
 
 
-def summary_html(info: dict) -> str:
-    """The run summary: `info` holds sections name -> dict of scalars (already read from disk)."""
-    parts = []
-    for section, values in info.items():
-        if not values:
-            continue
+def summary_html(info: dict, details: dict | None = None) -> str:
+    """The run summary: `info` holds sections name -> dict of scalars (already read from disk); `details` is
+    shown folded (e.g. the full configuration)."""
+    def section(name: str, values: dict) -> str:
         rows = [[esc(k), fmt(v)] for k, v in flat_scalars(values)]
-        parts.append(f"<div><h3>{esc(section)}</h3>{table(rows)}</div>")
-    return '<div class="grid">' + "".join(parts) + "</div>"
+        return f"<div><h3>{esc(name)}</h3>{table(rows)}</div>"
+
+    html = '<div class="grid">' + "".join(section(k, v) for k, v in info.items() if v) + "</div>"
+    for name, values in (details or {}).items():
+        if values:
+            html += f"<details><summary>{esc(name)}</summary>{section('', values)}</details>"
+    return html
 
 
 def index_html(title: str, summary: str, notices: list[str], links: list[tuple[str, str]],

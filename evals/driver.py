@@ -113,8 +113,10 @@ def evaluate(runs: list[str | Path], cfg: EvalConfig) -> dict[str, dict]:
 
         for run, sae in saes.items():
             if "core" in cfg.metrics:
-                results[run]["core"].update(splice_losses(model, hook, sae, tokens, special, device=cfg.device,
-                                                          progress=cfg.progress))
+                losses = splice_losses(model, hook, sae, tokens, special, device=cfg.device, progress=cfg.progress)
+                # n_tokens stays the reconstruction metrics' count; the spliced CE/KL report their own.
+                losses["ce_n_tokens"], losses["kl_n_tokens"] = losses.pop("n_tokens"), losses.pop("n_tokens_kl")
+                results[run]["core"].update(losses, ce_contexts=len(tokens))
             if "ablation" in cfg.metrics:
                 from evals.ablation import latent_ablation_effects
 

@@ -205,11 +205,12 @@ def train_probe(
 
     Stands for SAEBench's probe (a linear layer with BCE + 1e-3 * |w|_1 under AdamW, 20 epochs), with one
     deliberate change: SAEBench keeps the epoch with the best *test* accuracy; here C is picked on the validation
-    split and the test set is never seen (ties go to the smaller C, the sparser probe). Features are standardised
-    for the fit, so the penalty treats dimensions alike and liblinear converges, and the weights are then folded
-    back: the returned model's `coef_` / `intercept_` act on raw activations (`predict(X)`, and `coef_` is the
-    probe direction that latent attribution uses). The chosen C and the validation accuracy of each C are stored
-    as `probe.C_` and `probe.validation_accuracy_`.
+    split and the test set is never seen. Ties go to the larger C: SAEBench's penalty is weak, and a probe that
+    separates its data by one attribute must still weigh the other for SCR to have anything to measure.
+    Features are standardised for the fit, so the penalty treats dimensions alike and liblinear converges; the
+    weights are then folded back, so the returned model's `coef_` / `intercept_` act on raw activations
+    (`predict(X)`; `coef_` is the probe direction latent attribution uses). The chosen C and the validation
+    accuracy of each C are stored as `probe.C_` and `probe.validation_accuracy_`.
     """
     X, X_val = _numpy(X), _numpy(X_val)
     y, y_val = np.asarray(y), np.asarray(y_val)
@@ -222,7 +223,7 @@ def train_probe(
         probe.fit(Xs, y)
         acc = float((probe.predict(Xs_val) == y_val).mean())
         accs[C] = acc
-        if acc > best_acc:
+        if acc >= best_acc:  # ties go to the larger C
             best, best_acc = probe, acc
     assert best is not None, "Cs must not be empty"
     # w.(x - mean)/scale + b = (w/scale).x + (b - w.(mean/scale)): the same decisions on raw activations.
