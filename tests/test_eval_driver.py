@@ -3,7 +3,7 @@ import json
 import pytest
 
 from evals.driver import EvalConfig, EvalError, evaluate, parse_metrics, table
-from tests.test_harvest import HOOK, run as harvest_run
+from tests.test_harvest import run as harvest_run
 from vsae.config import SAEConfig, TrainConfig
 from vsae.trainer import train
 
