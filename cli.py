@@ -37,6 +37,8 @@ EVAL_HELP = {
     "device": "torch device",
     "seed": "seed of sampling and t-SNE",
     "labelled": "labelled data for SCR/TPP: offline (generated) or real (hub datasets)",
+    "labelled_train": "SCR/TPP training texts",
+    "labelled_test": "SCR/TPP test texts",
     "progress": "progress bars",
 }
 DASHBOARD_HELP = {

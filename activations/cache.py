@@ -192,7 +192,8 @@ def write_array_cache(out: str | Path, acts: np.ndarray, context: int, descripti
                              "corpus": {"kind": "synthetic"}, "tokens": int(acts.shape[0]), "context": context,
                              "dtype": dtype, "bos_dropped": True, "shard_sequences": shard_seqs},
                 "d_in": d_in, "n_sequences": n_seqs, "rows_per_sequence": rows_per_seq,
-                "n_shards": -(-n_seqs // shard_seqs), "tokenizer": "none", "bos_token_id": 0}
+                "n_shards": -(-n_seqs // shard_seqs), "tokenizer": "none", "bos_token_id": 0,
+                "special_token_ids": []}  # token ids here are placeholders, not text
     for index, first in enumerate(range(0, n_seqs, shard_seqs)):
         n = min(shard_seqs, n_seqs - first)
         shard = ShardWriter(out, index, n * rows_per_seq, d_in, dtype)

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# This file's own name would shadow the `evals` package when run as a script.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from activations.cache import write_array_cache
-from evals.driver import EvalConfig, evaluate
-from vsae.checkpoint import SAEWeights, write_sae
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from activations.cache import write_array_cache  # noqa: E402
+from evals.driver import EvalConfig, evaluate  # noqa: E402
+from vsae.checkpoint import SAEWeights, write_sae  # noqa: E402
 
 
 def main() -> None:

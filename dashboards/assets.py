@@ -50,6 +50,7 @@ JS = r"""
 "use strict";
 window.VSAE = (function () {
   const PLOT_CONFIG = { displaylogo: false, responsive: true };
+  const PAGE_ROWS = 500;  // index rows listed at once
   const state = { wanted: null, tsne: null, tsneWaiting: [] };
 
   function el(tag, props, ...kids) {
@@ -79,10 +80,33 @@ window.VSAE = (function () {
     return v === 0 ? "0%" : (v * 100 < 0.01 ? (v * 100).toExponential(1) : fmt(v * 100, 3)) + "%";
   }
 
+  let webgl = null;
+  function hasWebgl() {
+    if (webgl === null) {
+      try { webgl = !!document.createElement("canvas").getContext("webgl"); } catch (e) { webgl = false; }
+    }
+    return webgl;
+  }
+
+  // plotly.js (4.8 MB) loads after the page's own content: plots asked for before it is there wait for it.
+  const waitingForPlotly = [];
+  let plotlyFailed = false;
+  function plotlyReady() { waitingForPlotly.splice(0).forEach((fn) => fn()); }
+  function plotlyError() {
+    plotlyFailed = true;
+    waitingForPlotly.splice(0).forEach((fn) => fn());
+  }
+
   function plot(target, fig, onClickId) {
     if (!target) return;
-    if (!window.Plotly) { target.textContent = "plotly.js did not load"; return; }
-    Plotly.newPlot(target, fig.data, fig.layout || {}, PLOT_CONFIG);
+    if (!window.Plotly) {
+      if (plotlyFailed) target.textContent = "plotly.js did not load";
+      else waitingForPlotly.push(() => plot(target, fig, onClickId));
+      return;
+    }
+    // Without WebGL (headless, remote desktops) large scatters fall back to SVG rather than fail.
+    const data = hasWebgl() ? fig.data : fig.data.map((t) => (t.type === "scattergl" ? Object.assign({}, t, { type: "scatter" }) : t));
+    Plotly.newPlot(target, data, fig.layout || {}, PLOT_CONFIG);
     if (onClickId) {
       target.on("plotly_click", (ev) => {
         const p = ev.points && ev.points[0];
@@ -122,7 +146,10 @@ window.VSAE = (function () {
       return th;
     });
     thead.append(headRow);
-    const trs = rows.map((r) => {
+    const trs = new Array(rows.length);  // row elements, built when first listed
+    function rowElement(i) {
+      if (trs[i]) return trs[i];
+      const r = rows[i];
       const tr = el("tr", { class: r[n] ? "dead" : null });
       cols.forEach((c, j) => {
         const v = r[j];
@@ -134,19 +161,34 @@ window.VSAE = (function () {
           tr.append(el("td", { class: "tokcell", text: v === null ? "" : String(v) }));
         }
       });
+      trs[i] = tr;
       return tr;
-    });
+    }
     // search text per row: id and every text cell, lower-cased
     const hay = rows.map((r) => cols.map((c, j) => (c.type === "num" ? "" : String(r[j] === null ? "" : r[j]))).join("\u0000").toLowerCase());
     const order = rows.map((_, i) => i);
-    let sortCol = -1, sortDir = 1;
-    const frag = document.createDocumentFragment();
-    trs.forEach((tr) => frag.append(tr));
-    tbody.append(frag);
+    const match = rows.map(() => true);
+    let sortCol = -1, sortDir = 1, limit = PAGE_ROWS;
     table.replaceChildren(thead, tbody);
     const count = document.getElementById("count");
     const search = document.getElementById("search");
     const deadOnly = document.getElementById("dead-filter");
+    const more = el("button", { type: "button", text: "list " + PAGE_ROWS + " more" });
+    const all = el("button", { type: "button", text: "list all" });
+    more.addEventListener("click", () => { limit += PAGE_ROWS; render(); });
+    all.addEventListener("click", () => { limit = Infinity; render(); });
+    table.after(el("div", { class: "toolbar", id: "more" }, more, all));
+
+    // Only the first `limit` matching rows are in the table: thousands of latents stay quick to sort and filter.
+    function render() {
+      const listed = order.filter((i) => match[i]);
+      const f = document.createDocumentFragment();
+      listed.slice(0, limit).forEach((i) => f.append(rowElement(i)));
+      tbody.replaceChildren(f);
+      count.textContent = listed.length + " of " + rows.length + " latents" +
+        (listed.length > limit ? " (first " + limit + " listed)" : "");
+      document.getElementById("more").hidden = listed.length <= limit;
+    }
 
     function sortBy(j) {
       sortDir = sortCol === j ? -sortDir : (cols[j].type === "num" ? -1 : 1);
@@ -162,23 +204,20 @@ window.VSAE = (function () {
       });
       ths.forEach((th, k) => th.classList.toggle("asc", k === j && sortDir > 0));
       ths.forEach((th, k) => th.classList.toggle("desc", k === j && sortDir < 0));
-      const f = document.createDocumentFragment();
-      order.forEach((i) => f.append(trs[i]));
-      tbody.append(f);
+      render();
     }
 
     function filter() {
       const q = search.value.trim().toLowerCase();
       const mode = deadOnly ? deadOnly.value : "all";
-      let shown = 0;
       for (let i = 0; i < rows.length; i++) {
         let ok = q === "" || String(rows[i][0]) === q || hay[i].includes(q);
         if (mode === "dead") ok = ok && rows[i][n];
         if (mode === "alive") ok = ok && !rows[i][n];
-        trs[i].hidden = !ok;
-        if (ok) shown++;
+        match[i] = ok;
       }
-      count.textContent = shown + " of " + rows.length + " latents";
+      limit = PAGE_ROWS;
+      render();
     }
     search.addEventListener("input", filter);
     if (deadOnly) deadOnly.addEventListener("change", filter);
@@ -284,9 +323,11 @@ window.VSAE = (function () {
     if (!doc.dead) {
       const w = doc.hist.top / doc.hist.counts.length;
       const x = doc.hist.counts.map((_, i) => (i + 0.5) * w);
+      let last = doc.hist.counts.length - 1;
+      while (last > 0 && doc.hist.counts[last] === 0) last--;
       plot(document.getElementById("hist"), {
         data: [{ type: "bar", x: x, y: doc.hist.counts, width: w, marker: { color: "#ea580c" }, hovertemplate: "%{x:.3g}: %{y} firings<extra></extra>" }],
-        layout: { margin: { l: 50, r: 10, t: 10, b: 40 }, bargap: 0, xaxis: { title: { text: "activation" }, range: [0, doc.hist.top] }, yaxis: { title: { text: "firings" } } },
+        layout: { margin: { l: 50, r: 10, t: 10, b: 40 }, bargap: 0, xaxis: { title: { text: "activation" }, range: [0, (last + 1) * w] }, yaxis: { title: { text: "firings" } } },
       });
     }
     if (doc.tsne) withTsne((maps) => drawTsne(doc, maps));
@@ -326,6 +367,6 @@ window.VSAE = (function () {
     plot(target, { data: data, layout: layout }, (id) => { window.location.hash = "#" + id; });
   }
 
-  return { el, fmt, pct, plot, figures, index, latentPage, latent, tsneMaps };
+  return { el, fmt, pct, plot, plotlyReady, plotlyError, figures, index, latentPage, latent, tsneMaps };
 })();
 """

@@ -213,15 +213,15 @@ def build_dashboard(run: str | Path, cfg: DashboardConfig) -> dict:
     shown = "all" if latents.numel() == sae.d_sae else f"{latents.numel()} ({cfg.features})"
     figures = [["fig-density", figure_data(density_histogram_figure(
         {"scanned tokens": log10_density_histogram(stats.density.numpy(), n_rows)},
-        f"log10 density of the {latents.numel()} latents shown, over {n_rows:,} cache tokens")), False]]
+        f"density of {latents.numel()} latents, {n_rows:,} tokens")), False]]
     eval_hist = eval_density_histogram(info)
     if eval_hist:
         n_eval = (info.metrics.get("density") or {}).get("n_tokens")
         figures.append(["fig-eval-density", figure_data(density_histogram_figure(
-            {"eval": eval_hist}, f"log10 density of all latents on the eval split ({n_eval or '?'} tokens)")),
+            {"eval": eval_hist}, f"density, vsae eval ({n_eval or '?'} tokens)")),
             False])
     for name, m in tsne_maps.items():
-        figures.append([f"fig-tsne-{len(figures)}", figure_data(tsne_figure(m, f"t-SNE of {name} (click a latent)")),
+        figures.append([f"fig-tsne-{len(figures)}", figure_data(tsne_figure(m, f"t-SNE: {name} (click a point)")),
                         True])
     core = {k: v for k, v in (info.metrics.get("core") or {}).items()}
     density_eval = {k: v for k, v in (info.metrics.get("density") or {}).items()

@@ -150,6 +150,15 @@ def _config_section(runs: list[Run]) -> str:
             f"</details>")
 
 
+def _headline(group: str, metrics: dict) -> list[tuple[str, object]]:
+    """The numbers of one eval.json metric group worth a row: top-level scalars (and one level below), for
+    SCR/TPP their `metrics` (the score at each N) and means, not probe accuracies or rankings."""
+    if group in ("scr", "tpp"):
+        top = [(k, v) for k, v in metrics.items() if not isinstance(v, dict | list)]
+        return top + flat_scalars(metrics.get("metrics") or {}, depth=0)
+    return flat_scalars(metrics, depth=1)
+
+
 def _metric_section(runs: list[Run], n_density: int) -> str:
     names: list[str] = []
     values: list[dict] = []
@@ -157,9 +166,9 @@ def _metric_section(runs: list[Run], n_density: int) -> str:
         m = r.info.metrics
         flat = {}
         for group in METRIC_GROUPS:
-            if isinstance(m.get(group), dict):
-                flat.update({f"{group}.{k}": v for k, v in flat_scalars(m[group], depth=2)
-                             if not isinstance(v, str)})
+            g = m.get(group)
+            if isinstance(g, dict):
+                flat.update({f"{group}.{k}": v for k, v in _headline(group, g) if not isinstance(v, str)})
         if r.density is not None:
             flat[f"cache.dead_fraction ({n_density:,} held-out tokens)"] = float((r.density == 0).mean())
             flat[f"cache.dense_fraction (> 0.1, {n_density:,} tokens)"] = float((r.density > 0.1).mean())
@@ -186,13 +195,21 @@ def _match_section(group: list[Run], out_dir: Path, cfg: CompareConfig, figures:
     W_ref = ref.sae.W_dec.float().cpu()
     alive = ref.density > 0 if ref.density is not None else np.ones(ref.sae.d_sae, dtype=bool)
     cosines, results, stats_rows = {}, {}, []
+    a = torch.from_numpy(alive)
+    ref_alive = a.nonzero(as_tuple=True)[0]
     for other in others:
+        # candidates: the other run's alive latents (all of them when densities are unknown)
         W_o = other.sae.W_dec.float().cpu()
-        cos, ids = best_matches(W_ref, W_o)
-        back_cos, back = best_matches(W_o, W_ref)
-        mutual = back[ids] == torch.arange(ids.numel())
-        a = torch.from_numpy(alive)
-        results[other.name] = (cos, ids)
+        cand = (torch.from_numpy(other.density > 0).nonzero(as_tuple=True)[0] if other.density is not None
+                else torch.arange(W_o.shape[0]))
+        if cand.numel() == 0 or ref_alive.numel() == 0:
+            stats_rows.append([esc(_label(other)), "no alive latents to match", "", ""])
+            continue
+        cos, j = best_matches(W_ref, W_o[cand])
+        ids = cand[j]
+        _, back = best_matches(W_o, W_ref[ref_alive])
+        mutual = ref_alive[back][ids] == torch.arange(ids.numel())
+        results[_label(other)] = (cos, ids)
         cosines[f"{_label(ref)} \u2192 {_label(other)}"] = cos[a].tolist()
         stats_rows.append([esc(_label(other)), fmt(float(cos[a].mean())) if a.any() else "n/a",
                            fmt(float((cos[a] > MATCH_THRESHOLD).double().mean())) if a.any() else "n/a",
@@ -202,12 +219,16 @@ def _match_section(group: list[Run], out_dir: Path, cfg: CompareConfig, figures:
         cosines, f"best-match decoder cosine of {_label(ref)}'s alive latents")), False])
     order = (np.argsort(-ref.density, kind="stable") if ref.density is not None else np.arange(ref.sae.d_sae))
     order = order[: cfg.matches]
-    head = [f"{esc(_label(ref))} latent", "density"] + [f"best match in {esc(_label(o))} (cosine)" for o in others]
+    head = [f"{esc(_label(ref))} latent", "density"] + [f"best alive match in {esc(_label(o))} (cosine)"
+                                                        for o in others]
     rows = []
     for i in order.tolist():
         row = [_latent_link(ref, i, out_dir), fmt(float(ref.density[i])) if ref.density is not None else "n/a"]
         for o in others:
-            cos, ids = results[o.name]
+            if _label(o) not in results:
+                row.append("n/a")
+                continue
+            cos, ids = results[_label(o)]
             row.append(f"{_latent_link(o, int(ids[i]), out_dir)} ({float(cos[i]):.3f})")
         rows.append(row)
     summary = table(stats_rows, ["run", f"mean best cosine (alive latents of {esc(_label(ref))})",
@@ -215,7 +236,8 @@ def _match_section(group: list[Run], out_dir: Path, cfg: CompareConfig, figures:
     which = "densest" if ref.density is not None else "first"
     return (f'<p class="note">{esc(DECODER_COSINE_DEFINITION)}: for each latent of {esc(_label(ref))}, the latent '
             f"of each other run whose decoder row is most similar. Mutual: the match's own best match is the "
-            f"latent itself.</p>{summary}<div class=\"plot\" id=\"{fig_id}\"></div>"
+            f"latent itself. Where densities were measured, only alive latents are matched.</p>"
+            f"{summary}<div class=\"plot\" id=\"{fig_id}\"></div>"
             f"<h3>The {len(order)} {which} latents of {esc(_label(ref))} and their best matches</h3>"
             f"{table(rows, head, cls='data')}")
 

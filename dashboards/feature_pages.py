@@ -14,27 +14,58 @@ import numpy as np
 import torch
 
 from dashboards.gather import LatentStats, quantile_bands
-from dashboards.html import asset_scripts, data_script, display_token, page, write_text
+from dashboards.html import PAGE_SCRIPT, PLOTLY_SRC, data_script, display_token, page, write_text
 from dashboards.weights import LOGIT_EFFECT_DEFINITION
 
 LATENT_PAGE = "latent.html"
 LATENT_DIR = "data/latents"
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (bytes_to_unicode), inverted: symbol -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    symbols = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            symbols.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, symbols, strict=True)}
+
+
+BYTE_DECODER = _byte_decoder()
+
+
 class TokenText:
-    """Display strings of token ids (each decoded alone, control characters made visible), cached per id."""
+    """Display strings of token ids, cached per id, control characters made visible (`display_token`).
+
+    A byte-level BPE token (GPT-2, Pythia) is shown from its own bytes: a piece of a multi-byte character shows as
+    \\x.. escapes instead of the replacement character that decoding it alone would give. Other tokenizers decode
+    each token alone. Without a tokenizer a token shows as #id.
+    """
 
     def __init__(self, tokenizer=None) -> None:
         self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
         self._cache: dict[int, str] = {}
+
+    def _raw(self, i: int) -> str:
+        if self.tokenizer is None:
+            return f"#{i} "
+        if self._byte_level:
+            piece = self.tokenizer.convert_ids_to_tokens(i)
+            if isinstance(piece, str) and piece and all(ch in BYTE_DECODER for ch in piece):
+                return bytes(BYTE_DECODER[ch] for ch in piece).decode("utf-8", errors="backslashreplace")
+        return self.tokenizer.decode([i])
 
     def __call__(self, ids) -> list[str]:
         out = []
         for i in np.asarray(ids).reshape(-1).tolist():
             text = self._cache.get(i)
             if text is None:
-                raw = self.tokenizer.decode([i]) if self.tokenizer is not None else f"#{i} "
-                text = self._cache[i] = display_token(raw)
+                text = self._cache[i] = display_token(self._raw(i))
             out.append(text)
         return out
 
@@ -126,7 +157,7 @@ def latent_documents(stats: LatentStats, token_ids: np.ndarray, text: Callable, 
 
 def latent_shell(title: str) -> str:
     body = '<main id="latent"><p class="muted">loading ...</p></main>'
-    return page(title, body, scripts=asset_scripts(), inline=("VSAE.latentPage();",))
+    return page(title, body, scripts=(PAGE_SCRIPT,), inline=("VSAE.latentPage();",), plotly_src=PLOTLY_SRC)
 
 
 def write_latent_page(out: Path, doc: dict) -> None:

@@ -140,8 +140,7 @@ class Gatherer:
         self.hist = torch.zeros(L, cfg.n_bins, dtype=torch.int64)
         self.hist_exp = torch.full((L,), EMPTY_EXP, dtype=torch.int64)
         self.top = _Slots(L, cfg.n_top, self.W, empty_key=0.0)  # key = value; only values > 0 enter
-        self.sample = _Slots(L, cfg.n_reservoir, self.W, empty_key=-1.0)  # key = priority in [0, 1)
-        self._gen = torch.Generator().manual_seed(cfg.seed)
+        self.sample = _Slots(L, cfg.n_reservoir, self.W, empty_key=-1.0, dtype=torch.float64)  # key: priority
         self._bin_ids = torch.arange(cfg.n_bins)
         self._dense = _DenseBatch(L)
 
@@ -180,7 +179,7 @@ class Gatherer:
             self.top.merge(p, seq_max.view(S, L)[s, p], seq_max.view(S, L)[s, p], r, self._starts(r), dense,
                            first_row)
         # Uniform sample: firings whose priority beats the latent's current lowest kept priority.
-        prio = torch.rand(vals.shape, generator=self._gen)
+        prio = firing_priority(rows + first_row, self.latents[lat], self.cfg.seed)
         keep = prio > self.sample.threshold[lat]
         if keep.any():
             r, p, v, u = rows[keep], lat[keep], vals[keep], prio[keep]
@@ -221,6 +220,36 @@ class Gatherer:
         )
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, m: int) -> Tensor:
+    """x * m mod 2^32 for x < 2^32 held in int64, without overflowing int64."""
+    return ((((x >> 16) * m) & 0xFFFF) << 16) + (x & 0xFFFF) * m & _MASK32
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer mix (Wellons' lowbias32) of x < 2^32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def firing_priority(rows: Tensor, latent_ids: Tensor, seed: int) -> Tensor:
+    """A uniform [0, 1) priority per firing, a fixed function of (global row, latent id, seed).
+
+    Hashing rather than drawing from a generator makes a latent's sample the same whichever other latents are
+    gathered with it and however the rows are batched.
+    """
+    key = _hash32(latent_ids ^ _hash32(torch.full_like(latent_ids, seed & _MASK32)))
+    key = _hash32((rows >> 32) ^ key)
+    lo = _hash32((rows & _MASK32) ^ key)
+    hi = _hash32(lo ^ 0x5BD1E995)
+    return ((hi << 21) + (lo >> 11)).double() / 2.0**53
+
+
 class _DenseBatch:
     """The batch's activations as a dense [n_rows, L] matrix, filled on first use (only to cut windows).
 
@@ -252,9 +281,9 @@ class _Slots:
     A merge overwrites only the slots whose entries drop out, so a batch costs in proportion to what changes.
     """
 
-    def __init__(self, L: int, n: int, width: int, empty_key: float) -> None:
+    def __init__(self, L: int, n: int, width: int, empty_key: float, dtype: torch.dtype = torch.float32) -> None:
         self.n, self.width = n, width
-        self.key = torch.full((L, n), empty_key)
+        self.key = torch.full((L, n), empty_key, dtype=dtype)
         self.value = torch.zeros(L, n)
         self.row = torch.full((L, n), -1, dtype=torch.int64)
         self.start = torch.full((L, n), -1, dtype=torch.int64)
@@ -274,7 +303,7 @@ class _Slots:
         inverse, rank, idx = inverse[ok], rank[ok], ok.nonzero(as_tuple=True)[0]
 
         T, n = touched.numel(), self.n
-        cand_key = torch.full((T, n), float("-inf"))
+        cand_key = torch.full((T, n), float("-inf"), dtype=self.key.dtype)
         cand_key[inverse, rank] = key[idx]
         cand_id = torch.full((T, n), -1, dtype=torch.int64)
         cand_id[inverse, rank] = idx

@@ -58,8 +58,9 @@ def display_token(text: str) -> str:
 
 
 def plotly_text(text: str) -> str:
-    """Text for a plotly title, legend or axis label: plotly reads a subset of HTML there, so escape it."""
-    return esc(text)
+    """Text for a plotly title, legend or axis label: plotly reads a subset of HTML there (tags and the entities
+    &lt; &gt; &amp;, but not &quot;), so escape <, > and &."""
+    return html.escape(str(text), quote=False)
 
 
 def finite(obj):
@@ -91,15 +92,19 @@ def figure_data(fig) -> dict:
 
 
 def page(title: str, body: str, *, scripts: tuple[str, ...] = (), inline: tuple[str, ...] = (),
-         css: str | None = None, head: str = "") -> str:
+         css: str | None = None, plotly_src: str | None = None) -> str:
     """A whole HTML document. `scripts` are relative src paths; `inline` are script texts (data or code) placed
-    after them, each already safe for a <script> element; `css` inlines the stylesheet instead of linking it."""
+    after them, each already safe for a <script> element; `css` inlines the stylesheet instead of linking it;
+    `plotly_src` loads plotly.js last and asynchronously (the page script draws its plots once it is there)."""
     style = f"<style>{css}</style>" if css is not None else f'<link rel="stylesheet" href="{ASSETS}/vsae.css">'
     srcs = "".join(f'<script src="{esc(s)}"></script>\n' for s in scripts)
     codes = "".join(f"<script>{s}</script>\n" for s in inline)
+    if plotly_src:
+        codes += (f'<script src="{esc(plotly_src)}" async onload="VSAE.plotlyReady()" '
+                  f'onerror="VSAE.plotlyError()"></script>\n')
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{esc(title)}</title>\n{style}\n{head}</head>\n<body>\n{body}\n{srcs}{codes}</body>\n</html>\n")
+            f"<title>{esc(title)}</title>\n{style}\n</head>\n<body>\n{body}\n{srcs}{codes}</body>\n</html>\n")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -134,8 +139,8 @@ def install_assets(out: Path) -> None:
     write_text(assets / "vsae.js", JS)
 
 
-def asset_scripts() -> tuple[str, ...]:
-    return (f"{ASSETS}/{PLOTLY_JS}", f"{ASSETS}/vsae.js")
+PAGE_SCRIPT = f"{ASSETS}/vsae.js"
+PLOTLY_SRC = f"{ASSETS}/{PLOTLY_JS}"
 
 
 def inline_assets() -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from dashboards.html import asset_scripts, data_script, esc, fmt, page, table, write_text
+from dashboards.html import PAGE_SCRIPT, PLOTLY_SRC, data_script, esc, fmt, page, table, write_text
 from dashboards.run_info import flat_scalars
 
 INDEX_PAGE = "index.html"
@@ -76,7 +76,7 @@ def index_html(title: str, summary: str, notices: list[str], links: list[tuple[s
   <span class="muted">click a column to sort</span>
 </div>
 <table id="latents" class="data sortable"></table>"""
-    return page(title, body, scripts=(*asset_scripts(), INDEX_DATA))
+    return page(title, body, scripts=(PAGE_SCRIPT, INDEX_DATA), plotly_src=PLOTLY_SRC)
 
 
 def write_index(out: Path, title: str, summary: str, rows: list[list], figures: list, notices: list[str],

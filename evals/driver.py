@@ -23,6 +23,7 @@ from activations.models import load_model, source_from_manifest, special_token_i
 from evals.figures import write_figure
 from vsae.checkpoint import SAEWeights, read_sae
 
+N_VALUES = (2, 5, 10, 20, 50, 100, 500)
 METRICS = ("core", "density", "ablation", "tpp", "scr", "independence", "tsne")
 
 DEFINITIONS = {
@@ -62,6 +63,8 @@ class EvalConfig:
     device: str = "cpu"
     seed: int = 42
     labelled: str = "offline"  # offline (generated) | real (Bias in Bios, Amazon reviews via the hub)
+    labelled_train: int = 4000  # SAEBench's train / test set sizes for SCR and TPP
+    labelled_test: int = 1000
     progress: bool = True
 
 
@@ -225,17 +228,28 @@ def _eval_contexts(cfg: EvalConfig, manifest: dict, eval_fraction: float) -> tor
 
 
 def _probe_metrics(model, hook, saes, cfg, results) -> None:
+    """SCR and TPP: the model runs once per labelled set and its probes are fitted once; each SAE then only
+    encodes the cached token activations."""
     from evals import labelled, scr_tpp
+    from evals.probes import token_activations
 
-    if cfg.labelled == "real":
-        scr_set, tpp_set = labelled.load_bias_in_bios(), labelled.load_amazon_reviews()
-    else:
-        scr_set, tpp_set = labelled.offline_scr_set(seed=cfg.seed), labelled.offline_tpp_set(seed=cfg.seed)
-    for run, sae in saes.items():
-        if "scr" in cfg.metrics:
-            results[run]["scr"] = scr_tpp.scr_scores(model, hook, sae, scr_set, device=cfg.device)
-        if "tpp" in cfg.metrics:
-            results[run]["tpp"] = scr_tpp.tpp_scores(model, hook, sae, tpp_set, device=cfg.device)
+    sizes = {"train_size": cfg.labelled_train, "test_size": cfg.labelled_test}
+    real = cfg.labelled == "real"
+    tasks = []
+    if "scr" in cfg.metrics:
+        data = labelled.load_bias_in_bios(**sizes) if real else labelled.offline_scr_set(seed=cfg.seed, **sizes)
+        tasks.append(("scr", data, scr_tpp.fit_scr_probes, scr_tpp.scr_from_activations))
+    if "tpp" in cfg.metrics:
+        data = labelled.load_amazon_reviews(**sizes) if real else labelled.offline_tpp_set(seed=cfg.seed, **sizes)
+        tasks.append(("tpp", data, scr_tpp.fit_tpp_probes, scr_tpp.tpp_from_activations))
+    for name, data, fit, score in tasks:
+        tokens = token_activations(model, hook, data.texts, device=cfg.device, progress=cfg.progress)
+        pooled = tokens.pooled()
+        probes = fit(pooled, data, seed=cfg.seed)
+        for run, sae in saes.items():
+            n_values = [n for n in N_VALUES if n <= sae.d_sae]  # SAEBench asserts N <= d_sae
+            results[run][name] = score(tokens, data, sae, n_values, seed=cfg.seed, probes=probes, pooled=pooled)
+            results[run][name]["dataset"] = data.description
 
 
 def _tsne(saes, samples, results, runs) -> None:

@@ -11,25 +11,29 @@ pronoun {s} and object {o} slots; these carry the subject's gender and nothing e
 "the|my|our|the good|the noble <noun>" with a noun from `GENDER_NOUNS` (king/queen, lord/lady, father/mother, ...)
 in a text's first sentence, and that or he/she (probability 1/2 each) later. Templates hold no gendered word and
 gender words no topic word, so the attributes are independent by construction; everything random comes from one
-`numpy.random.default_rng(seed)`. Texts run about 15 to 80 tokens, so BOS and right padding are exercised.
+`numpy.random.default_rng(seed)`. Texts run 11 to 58 tokens (SCR) and 19 to 98 (TPP) in the embedded model's
+tokenizer, so BOS and right padding are exercised.
 
 - `offline_scr_set`: target "gender" (male = 1, female = 0) and spurious "topic" (topics[0] = 1), the two topics
   told by two keywords each (`SCR_KEYWORDS`: war/sword, love/heart, sea/ship, gold/purse) set into the shared
   `KEYWORD_PATTERNS`, so the spurious signal lives in few directions (METRICS.md section 6). Gender is the target
-  because the biased probe leans on topic (measured: on the embedded model's mean-pooled layer-2 residual it gets
-  topic right far more often than gender), so A_base,1 < A_base,2 and SCR reads direction 1, the case SAEBench
-  intends (METRICS.md section 6: the spurious attribute at least as salient as the target). `SCR_PAIRS` holds
-  two independent topic pairs to average over. Quadrants (target, spurious): PP = (1, 1), AN = (1, 0),
-  NP = (0, 1), NN = (0, 0). With q = train_size // 4, SAEBench's layout (`get_spurious_corr_data`): PP and NN get
-  2q training texts, AN and NP q. Split "train" is the biased probe's set, PP + NN (4q texts, gender and topic
-  perfectly correlated, rho = 1); "train_balanced" is the first q of each quadrant (rho = 0), the training set of
-  the target (oracle) and spurious probes and of latent attribution; "validation" and "test" are balanced, with
-  validation_size // 4 and test_size // 4 new texts per quadrant. The diagonals hold exactly the 2q texts the
-  biased set uses (SAEBench asserts more than 2q in the source data).
+  because the biased probe leans on topic, so A_base,1 < A_base,2 and SCR reads direction 1, the case SAEBench
+  intends (METRICS.md section 6: the spurious attribute at least as salient as the target). Measured on the
+  embedded model's mean-pooled blocks.2.hook_resid_post (default sizes, seed 0, test accuracies): gender probe
+  1.000, topic probe 0.997, biased probe 0.627 on gender and 0.873 on topic (war/love); 0.999, 1.000, 0.504 and
+  0.996 (sea/gold). `SCR_PAIRS` holds these two independent topic pairs, to average over.
+  Quadrants (target, spurious): PP = (1, 1), AN = (1, 0), NP = (0, 1), NN = (0, 0). With q = train_size // 4,
+  SAEBench's layout (`get_spurious_corr_data`): PP and NN get 2q training texts, AN and NP q. Split "train" is
+  the biased probe's set, PP + NN (4q texts, gender and topic perfectly correlated, rho = 1); "train_balanced" is
+  the first q of each quadrant (rho = 0), the training set of the target (oracle) and spurious probes and of
+  latent attribution; "validation" and "test" are balanced, with validation_size // 4 and test_size // 4 new
+  texts per quadrant. The diagonals hold exactly the 2q texts the biased set uses (SAEBench asserts more than 2q
+  in the source data).
 - `offline_tpp_set`: "category" = one class per topic (default 5: war, love, sea, feast, prayer; "gold" is a
   sixth), each with 8 rich `TOPIC_TEMPLATES` of its own vocabulary (sword, battle, blood...; heart, kiss,
   tears...), and nuisance "gender", balanced within every class and split. Per class train_size // 2 training
   texts (SAEBench's 2q = 2000), validation_size // 2 and test_size // 2 (SAEBench's 500) for the others.
+  Measured as above: every one-vs-rest probe scores 1.000 on its test rows.
 
 Real sets (as SAEBench 0.4 builds them, via `datasets.load_dataset`; they need the Hugging Face hub or its cache)
 --------------------------------------------------------------------------------------------------------------
@@ -37,8 +41,8 @@ Real sets (as SAEBench 0.4 builds them, via `datasets.load_dataset`; they need t
 - `load_amazon_reviews`: `canrager/amazon_reviews_mcauley_1and5`, text `text`, column 1 `category`,
   column 2 `rating` (1.0 plays SAEBench's "male", 5.0 its "female").
 Train and test rows are SAEBench's (HF `train` and `test`); the validation split, which SAEBench lacks (it
-selects probes on the test set), takes the next rows of HF `train` after the training rows, so it never overlaps
-them.
+selects probes on the test set), takes further rows of HF `train` that follow the training rows (in dataset order
+for SCR, in the seeded sampling order for TPP), so it never overlaps them.
 """
 
 from __future__ import annotations
@@ -206,8 +210,8 @@ NEUTRAL_SENTENCES = (
 )
 # SCR's spurious attribute should live in few directions (METRICS.md section 6), so its topics are told by two
 # keywords each, set into shared sentence patterns ({k}: first keyword, {K}: capitalised, {w}: second keyword).
-# Measured on the embedded model, the rich TOPIC_TEMPLATES spread the topic over so many latents that no SAE moved
-# the biased probe (SCR ~ 0 at every N); with keywords, trained SAEs reach ~0.2-0.3.
+# Measured with the embedded model's demo SAEs: on the rich TOPIC_TEMPLATES the topic is spread over so many
+# latents that SCR stayed within about +-0.1 up to N = 50; with keywords TopK reaches 0.29 / 0.53 at N = 10 / 20.
 KEYWORD_PATTERNS = (
     "{S} spoke of {k}.",
     "{S} thought of {k} all day.",
@@ -498,7 +502,7 @@ def load_bias_in_bios(
 
 
 def load_amazon_reviews(
-    task: str = "scr",
+    task: str = "tpp",
     pair: tuple[str, str] = AMAZON_SCR_PAIRS[0],
     classes: Sequence[str] = AMAZON_TPP_CLASSES,
     train_size: int = 4000,
@@ -506,8 +510,9 @@ def load_amazon_reviews(
     validation_size: int | None = None,
     seed: int = 42,
 ) -> LabelledSet:
-    """`canrager/amazon_reviews_mcauley_1and5` as SAEBench uses it: task "scr" (one category `pair`, rating
-    spurious with 1.0 = label 1) or "tpp" (`classes`, rating-balanced). Raises `LabelledSetError` offline."""
+    """`canrager/amazon_reviews_mcauley_1and5` as SAEBench uses it: task "tpp" (`classes`, rating-balanced; the
+    default, as DESIGN.md pairs Amazon with TPP) or "scr" (one category `pair`, rating spurious with 1.0 = label 1).
+    Raises `LabelledSetError` when the hub is unreachable."""
     validation_size = test_size if validation_size is None else validation_size
     train, test = _load_hf(AMAZON_REVIEWS)
     if task == "scr":

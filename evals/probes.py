@@ -1,9 +1,9 @@
 """Mean-pooled model activations over real tokens, and the L1 logistic-regression probes SCR and TPP train on them.
 
 Pooling follows SAEBench (METRICS.md section 3, steps 1-3): texts are tokenized without special tokens, cut to
-`context` tokens from the end, padded on the right, run through the model with no attention mask (causal
+`context` tokens (the start kept), padded on the right, run through the model with no attention mask (causal
 attention never looks right, so padding cannot change real positions), and the activations at `hook_name` are
-averaged over the positions whose token is not BOS, EOS or PAD. Two deliberate differences:
+averaged over the positions whose token is not BOS, EOS or PAD. Deliberate differences:
 - SAEBench finds real positions by "activations sum to a nonzero value" after zeroing masked ones; we use the
   token ids themselves, which is what that heuristic approximates.
 - `ablate` (SAE latent ablation, evals/scr_tpp.py) is applied to real positions only, so padded positions never
@@ -28,7 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from activations.models import check_hook, stop_layer
+from activations.models import check_hook, special_token_ids, stop_layer
 
 Ablation = Callable[[Tensor], Tensor]  # [tokens, d] -> [tokens, d]
 # Inverse L1 strengths tried on the validation split; SAEBench's fixed l1_penalty=1e-3 under AdamW has no exact
@@ -93,12 +93,10 @@ def segment_mean(acts: Tensor, counts: Tensor) -> Tensor:
     return (sums / counts.clamp(min=1)[:, None].float()).cpu()
 
 
-def _special_ids(tokenizer) -> set[int]:
-    return {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
-
-
-def _tokenize(tokenizer, texts: Sequence[str], context: int, prepend_bos: bool) -> list[list[int]]:
+def _tokenize(model, texts: Sequence[str], context: int, prepend_bos: bool) -> list[list[int]]:
     """Token ids per text: optional BOS, then the text's tokens, `context` in all (the start kept, as SAEBench)."""
+    tokenizer = model.tokenizer
+    context = min(context, model.cfg.n_ctx)  # a model with a shorter window than SAEBench's 128 (the tiny test one)
     bos = tokenizer.bos_token_id
     if prepend_bos and bos is None:
         raise ValueError("prepend_bos=True, but the tokenizer has no BOS token")
@@ -117,7 +115,7 @@ def _hook_batches(
     check_hook(model, hook_name)
     tokenizer = model.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    special = torch.tensor(sorted(_special_ids(tokenizer)), dtype=torch.long)
+    special = torch.tensor(sorted(special_token_ids(tokenizer)), dtype=torch.long)
     layer = stop_layer(model, hook_name)
     order = np.argsort([len(seq) for seq in ids], kind="stable")
     grabbed: list[Tensor] = []
@@ -140,7 +138,7 @@ def _hook_batches(
 
 
 def _real_counts(model, ids: list[list[int]]) -> Tensor:
-    special = _special_ids(model.tokenizer)
+    special = special_token_ids(model.tokenizer)
     return torch.tensor([sum(t not in special for t in seq) for seq in ids], dtype=torch.long)
 
 
@@ -156,7 +154,7 @@ def token_activations(
     dtype: torch.dtype = torch.float32,
 ) -> TokenActivations:
     """Activations of `model` at `hook_name` at every real (not BOS/EOS/PAD) token of `texts`, on the CPU."""
-    ids = _tokenize(model.tokenizer, texts, context, prepend_bos)
+    ids = _tokenize(model, texts, context, prepend_bos)
     counts = _real_counts(model, ids)
     offsets = torch.zeros(len(ids) + 1, dtype=torch.long)
     offsets[1:] = counts.cumsum(0)
@@ -186,7 +184,7 @@ def pooled_activations(
     `ablate` maps the real tokens' activations [t, d] to replacements before pooling (e.g. SAE latent ablation
     with the error term added back, `evals.scr_tpp.sae_ablation`); padded positions are never ablated or pooled.
     """
-    ids = _tokenize(model.tokenizer, texts, context, prepend_bos)
+    ids = _tokenize(model, texts, context, prepend_bos)
     out = torch.zeros(len(ids), model.cfg.d_model)
     for rows, acts, counts in _hook_batches(model, hook_name, ids, batch_size, device, progress):
         out[torch.as_tensor(rows)] = segment_mean(acts if ablate is None else ablate(acts), counts)
@@ -200,6 +198,7 @@ def train_probe(
     y_val: np.ndarray,
     seed: int = 42,
     Cs: Sequence[float] = DEFAULT_CS,
+    standardize: bool = True,
 ) -> LogisticRegression:
     """An L1-regularised logistic-regression probe, its inverse strength C chosen by validation accuracy.
 
@@ -207,14 +206,17 @@ def train_probe(
     deliberate change: SAEBench keeps the epoch with the best *test* accuracy; here C is picked on the validation
     split and the test set is never seen. Ties go to the larger C: SAEBench's penalty is weak, and a probe that
     separates its data by one attribute must still weigh the other for SCR to have anything to measure.
-    Features are standardised for the fit, so the penalty treats dimensions alike and liblinear converges; the
-    weights are then folded back, so the returned model's `coef_` / `intercept_` act on raw activations
-    (`predict(X)`; `coef_` is the probe direction latent attribution uses). The chosen C and the validation
-    accuracy of each C are stored as `probe.C_` and `probe.validation_accuracy_`.
+    Features are standardised for the fit (`standardize=False` penalises raw weights, as SAEBench does), so the
+    penalty treats dimensions alike and liblinear converges (3x faster here); the weights are then folded back,
+    so the returned model's `coef_` / `intercept_` act on raw activations (`predict(X)`; `coef_` is the probe
+    direction latent attribution uses). The chosen C and the validation accuracy of each C are stored as
+    `probe.C_` and `probe.validation_accuracy_`.
     """
     X, X_val = _numpy(X), _numpy(X_val)
     y, y_val = np.asarray(y), np.asarray(y_val)
-    mean, scale = X.mean(0), X.std(0)
+    if set(np.unique(y).tolist()) != {0, 1}:
+        raise ValueError(f"a probe trains on labels 0 and 1, both present; got {np.unique(y).tolist()}")
+    mean, scale = (X.mean(0), X.std(0)) if standardize else (np.zeros(X.shape[1]), np.ones(X.shape[1]))
     scale[scale == 0] = 1.0  # a constant dimension carries nothing; leave it unscaled
     Xs, Xs_val = (X - mean) / scale, (X_val - mean) / scale
     best, best_acc, accs = None, -1.0, {}

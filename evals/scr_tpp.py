@@ -12,15 +12,18 @@ probe weight. SCR ranks by |effect|; TPP clamps the mean difference at >= 0 firs
 k = min(N, #nonzero effects) latents are ablated (`select_top_latents`).
 
 Ablation (SAEBench `ablated_precomputed_activations`): z = encode(x); x' = decode(z with the chosen latents zeroed)
-+ (x - decode(z)). With no latents chosen x' = x exactly, so ablated accuracy equals clean accuracy.
++ (x - decode(z)) at every real token, then mean-pooled. With no latents chosen x' = x exactly, so ablated accuracy
+equals clean accuracy. Since the decoder is affine, x' = x - z_S @ W_dec[S], and pooling is a mean, the pooled x'
+is pooled x minus (pooled z)_S @ W_dec[S] (`ablated_pooled`): the test texts are encoded once per SAE and every
+(N, class) ablation is a small matmul. `sae_ablation` is the same ablation per token, for `pooled_activations`.
 
-Deliberate differences from SAEBench, all also in DESIGN.md:
+Deliberate differences from SAEBench (the first two as DESIGN.md asks):
 - Probes are selected on a validation split (evals/probes.py `train_probe`); SAEBench keeps the probe epoch with
   the best *test* accuracy.
 - Padded positions are never ablated or pooled; SAEBench ablates them too, which shifts pooled activations by
   -sum_{i in S} f_i(0) d_i times the padding fraction (METRICS.md section 3, step 7).
-- Mean latent differences are means over the whole training set; SAEBench averages per-batch (125) means,
-  which is the same up to the last, smaller batch.
+- Mean latent differences are means over the whole training set; SAEBench averages the differences of
+  per-batch (125 texts) means, weighing batches equally: close, not identical.
 - TPP: each probe's negatives (ceil(n_pos / (C - 1)) per other class, cut to n_pos) are drawn once per split
   with the seed and kept; SAEBench redraws them at every accuracy evaluation, which adds sampling noise to each
   difference (METRICS.md section 5 pitfall).
@@ -73,7 +76,7 @@ def sae_ablation(sae: SAEWeights, latents: Sequence[int] | Tensor) -> Ablation:
         if idx.numel() == 0:
             return x
         z = sae.encode(x.to(sae.W_dec.device))
-        return (x - (z[:, idx] @ sae.W_dec[idx]).to(x.device, x.dtype)).to(x.dtype)
+        return x - (z[:, idx] @ sae.W_dec[idx]).to(x.device, x.dtype)
 
     return ablate
 
@@ -148,6 +151,14 @@ def _check_n_values(n_values: Sequence[int], d_sae: int) -> list[int]:
     if bad:
         raise ValueError(f"n_values {bad} are outside 0..d_sae={d_sae} (SAEBench asserts N <= d_sae)")
     return ns
+
+
+def _check_inputs(tokens: TokenActivations, data: LabelledSet, splits: Sequence[str], roles: Sequence[str]) -> None:
+    if len(tokens) != len(data.texts):
+        raise ValueError(f"tokens hold {len(tokens)} texts, the set {len(data.texts)}: compute them from data.texts")
+    missing = [s for s in splits if s not in data.splits] + [r for r in roles if r not in data.roles]
+    if missing:
+        raise ValueError(f"the labelled set lacks {missing} (has splits {sorted(data.splits)}, roles {data.roles})")
 
 
 def _weight(probe: LogisticRegression) -> Tensor:
@@ -233,6 +244,7 @@ def scr_from_activations(
     Pass `probes` / `pooled` (from a previous call) to reuse them across SAEs.
     """
     ns = _check_n_values(n_values, sae.d_sae)
+    _check_inputs(tokens, data, ("train", "train_balanced", "validation", "test"), ("target", "spurious"))
     target, spurious = data.roles["target"], data.roles["spurious"]
     pooled = tokens.pooled() if pooled is None else pooled
     probes = fit_scr_probes(pooled, data, seed) if probes is None else probes
@@ -387,6 +399,7 @@ def tpp_from_activations(
     (SAEBench's names). Higher is better; 0 means the ablation did nothing selective.
     """
     ns = _check_n_values(n_values, sae.d_sae)
+    _check_inputs(tokens, data, ("train", "validation", "test"), ("classes",))
     pooled = tokens.pooled() if pooled is None else pooled
     probes = fit_tpp_probes(pooled, data, seed) if probes is None else probes
     n_classes = len(probes.probes)

@@ -63,3 +63,15 @@ def test_width_mismatch_and_unknown_metric(trained, tmp_path):
     with pytest.raises(ValueError, match="unknown metric"):
         parse_metrics("core,nope")
     assert parse_metrics("all")[0] == "core"
+
+
+def test_scr_and_tpp_through_the_driver(trained):
+    cache, runs = trained
+    evaluate(runs, EvalConfig(cache=str(cache), metrics=["scr", "tpp"], labelled_train=400, labelled_test=200,
+                              progress=False))
+    for run in runs:
+        m = json.loads((run / "eval.json").read_text())["metrics"]
+        # d_sae 64: SAEBench's N values up to 50 apply, 100 and 500 do not
+        assert "scr_metric_threshold_50" in m["scr"]["metrics"] and m["scr"]["n_values"] == [2, 5, 10, 20, 50]
+        assert "tpp_threshold_50_total_metric" in m["tpp"]["metrics"]
+        assert m["scr"]["dataset"] and m["tpp"]["dataset"]
