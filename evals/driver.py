@@ -173,11 +173,12 @@ def _stream_metrics(saes, cfg, eval_fraction, results, samples) -> None:
     for x, toks in loader:
         x = x[~torch.isin(toks[:, 0], special)][: n_rows - seen].to(cfg.device)
         for run, sae in saes.items():
-            z, x_hat = encode_decode(sae, x)
-            core[run].update(x, x_hat, z)
-            fire[run].update(z)
+            vals, idx, x_hat = encode_decode(sae, x)
+            core[run].update(x, x_hat, vals)  # L0 from the k values: no dense code needed
+            fire[run].update_topk(vals, idx, sae.d_sae)
             if seen < keep:
-                kept[run].append(z[: keep - seen].cpu())
+                n = keep - seen
+                kept[run].append(torch.zeros(len(vals[:n]), sae.d_sae).scatter_(1, idx[:n].cpu(), vals[:n].cpu()))
         seen += x.shape[0]
         bar.update(x.shape[0])
         if seen >= n_rows:
@@ -200,20 +201,19 @@ def _stream_metrics(saes, cfg, eval_fraction, results, samples) -> None:
             results[run]["independence"] = independence_stats(samples[run], saes[run].W_dec, seed=cfg.seed)
 
 
-def encode_decode(sae: SAEWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dense z, x_hat) equal to `sae.encode` / `sae.decode`, decoding only the k active rows.
+def encode_decode(sae: SAEWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(vals [B, k], latent ids [B, k], x_hat) equal to `sae.encode` / `sae.decode`.
 
-    The dense decode z @ W_dec costs as much as the encoder GEMM; embedding_bag over
-    the k selected rows makes the pass about twice as fast.
+    The dense decode z @ W_dec costs as much as the encoder GEMM, and a dense [B, d_sae]
+    code per batch is mostly memory traffic; embedding_bag over the k selected rows avoids both.
     """
     x = x.to(sae.W_enc.dtype)
     x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
     pre = torch.addmm(sae.b_enc, x_in, sae.W_enc)
     vals, idx = pre.topk(sae.k, dim=1, sorted=False)
     vals = vals.relu()
-    z = torch.zeros_like(pre).scatter_(1, idx, vals)
     x_hat = torch.nn.functional.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
-    return z, x_hat
+    return vals, idx, x_hat
 
 
 def _top_latents(density: torch.Tensor | None, n: int) -> list[int]:

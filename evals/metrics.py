@@ -116,7 +116,10 @@ class CoreAccumulator:
 
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor, z: Tensor) -> None:
-        """Add one batch: x, x_hat [B, d_in] and z [B, d_sae], special-token rows already removed."""
+        """Add one batch: x, x_hat [B, d_in] and z [B, d_sae], special-token rows already removed.
+
+        z is used only for L0, so the [B, k] values of a TopK code serve as well as the dense [B, d_sae].
+        """
         if x.shape[0] == 0:
             return  # an all-special batch adds nothing (SAELens would add a NaN rrb here)
         sse, sq_norm, sum_x = _sums(x, x_hat)
@@ -179,6 +182,15 @@ class FiringCounter:
         z = z.reshape(-1, self.d_sae)
         self.counts += (z != 0).sum(dim=0).cpu()
         self.n_tokens += z.shape[0]
+
+    def update_topk(self, vals: Tensor, idx: Tensor, d_sae: int) -> None:
+        """`update` for a TopK code given as values and latent ids [B, k]: no dense [B, d_sae] tensor."""
+        if self.d_sae is None:
+            self.d_sae = d_sae
+            self.counts = torch.zeros(self.d_sae, dtype=torch.int64)
+        fired = idx[vals != 0].cpu()
+        self.counts.index_add_(0, fired, torch.ones_like(fired))
+        self.n_tokens += vals.shape[0]
 
     def result(self, bins_per_decade: int = 4, min_log10: float | None = None) -> dict:
         """counts (int64 [d_sae]), density (float64 [d_sae]), dead_fraction, dense_fraction, n_tokens, and

@@ -153,3 +153,18 @@ def test_ce_kl_scores():
     assert s["ce_score"] == pytest.approx(0.9)
     assert s["kl_score"] == pytest.approx(0.9)
     assert math.isnan(ce_kl_scores(1.0, 1.0, 1.0, 0.0, 0.0)["ce_score"])
+
+
+def test_firing_counter_topk_form_equals_dense():
+    import torch
+
+    from evals.metrics import FiringCounter
+
+    pre = torch.randn(50, 40)
+    vals, idx = pre.topk(6, dim=1)
+    vals = vals.relu()
+    dense = torch.zeros(50, 40).scatter_(1, idx, vals)
+    a, b = FiringCounter(), FiringCounter()
+    a.update(dense)
+    b.update_topk(vals, idx, 40)
+    assert torch.equal(a.counts, b.counts) and a.n_tokens == b.n_tokens
