@@ -288,29 +288,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from activations.harvest import HarvestConfig, harvest
     from activations.tiny_model import ensure_tiny_model
+    from dashboards.build import DashboardConfig, build_dashboard
+    from dashboards.compare import CompareConfig, compare_runs
+    from evals.driver import METRICS, EvalConfig, evaluate, table
     from vsae.config import SAEConfig, TrainConfig, apply_preset
     from vsae.trainer import train
 
     out = Path(args.out)
+    cache = str(out / "cache")
     model_dir = ensure_tiny_model()
     report = json.loads((model_dir / "vsae_model.json").read_text())
-    print(f"[1/3] embedded model {model_dir}: validation CE {report['val_ce']:.3f} "
+    print(f"[1/5] embedded model {model_dir}: validation CE {report['val_ce']:.3f} "
           f"(unigram {report['unigram_ce']:.3f})")
-    summary = harvest(HarvestConfig(out=str(out / "cache"), corpus=[args.corpus], tokens=args.tokens))
-    print(f"[2/3] {summary.line()}")
+    summary = harvest(HarvestConfig(out=cache, corpus=[args.corpus], tokens=args.tokens))
+    print(f"[2/5] {summary.line()}")
     # The paper's two arms as its code ran them, scaled to the tiny model (16 x d_in latents), in one pass.
     arms = [apply_preset(name, SAEConfig(), TrainConfig())[0] for name in ("paper-topk", "paper-vsae")]
     arms = [dataclasses.replace(a, d_sae=args.d_sae, k=args.k, dead_after=None) for a in arms]
-    tcfg = TrainConfig(cache=str(out / "cache"), out=str(out / "sae"), steps=args.train_steps,
+    tcfg = TrainConfig(cache=cache, out=str(out / "sae"), steps=args.train_steps,
                        batch_size=args.batch_size, lr_warmup_steps=args.train_steps // 10)
-    resume = (out / "sae").exists()
-    paths = train(tcfg, arms, resume=resume, names=["topk", "vsae"])
-    print("[3/3] SAEs (last logged step):")
-    for p in paths:
-        last = json.loads((p / "log.jsonl").read_text().splitlines()[-1])
-        parts = ", ".join(f"{k} {last[k]:.4g}" for k in ("mse", "kl", "auxk", "l0", "dead_fraction") if k in last)
-        print(f"      {p}: {parts}")
-    print("next stages (eval, dashboard) arrive with their issues; the runs above are their input")
+    runs = train(tcfg, arms, resume=(out / "sae").exists(), names=["topk", "vsae"])
+    print("[3/5] SAEs trained: " + ", ".join(str(r) for r in runs))
+    results = evaluate(runs, EvalConfig(cache=cache, metrics=list(METRICS)))
+    print("[4/5] evaluation (eval.json, figures/ in each run):")
+    print(table(results))
+    pages = []
+    for run in runs:
+        d = build_dashboard(run, DashboardConfig(cache=cache, out=str(out / "dashboards" / run.name)))
+        pages.append(str(out / "dashboards" / run.name))
+        print(f"      dashboard {Path(d['out']) / 'index.html'}")
+    cmp = compare_runs([str(r) for r in runs],
+                       CompareConfig(cache=cache, out=str(out / "compare.html"), dashboards=pages))
+    print(f"[5/5] comparison page {cmp['out']}")
     return 0
 
 
@@ -392,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache_info)
 
     p = sub.add_parser("demo", formatter_class=_Formatter, help="the whole pipeline on the embedded default",
-                       description="Build the embedded model (first use), harvest its middle residual stream, "
-                                   "train the paper's TopK and vSAE arms on it in one pass.")
+                       description="The whole pipeline on the embedded default: build the model (first use), "
+                                   "harvest its middle residual stream, train the paper's TopK and vSAE arms in one "
+                                   "pass, evaluate them (all metrics), write their dashboards and a comparison page.")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--corpus", default="shakespeare", help="corpus to harvest")
     p.add_argument("--tokens", type=int, default=500_000, help="tokens to harvest")
