@@ -323,6 +323,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from dashboards.compare import CompareConfig, compare_runs
+    from evals.driver import parse_metrics
+    from evals.study import StudyConfig, run_study
+
+    cfg = StudyConfig(cache=args.cache, plan=args.plan, out=args.out, device=args.device, steps=args.steps,
+                      metrics=parse_metrics(args.metrics) if args.metrics else None, progress=args.progress)
+
+    def compare(runs, out):
+        compare_runs([str(r) for r in runs], CompareConfig(cache=args.cache, out=str(out), device=args.device,
+                                                           progress=args.progress))
+
+    state = run_study(cfg, compare=compare)
+    n = len(state["runs"]) + len(state.get("size_matched", []))
+    print(f"study of {n} runs ({len(state['skipped'])} combinations skipped) written to {args.out}: "
+          f"{Path(args.out) / 'report.md'}, {Path(args.out) / 'report.html'}")
+    return 0
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     pass
 
@@ -399,6 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum verification")
     p.set_defaults(func=cmd_cache_info)
+
+    p = sub.add_parser("study", formatter_class=_Formatter, help="a plan's grid of SAEs, trained, evaluated, reported",
+                       description="Train a plan's grid of SAEs in one pass of the cache per training setting, "
+                                   "evaluate them on the same held-out tokens, add TopK runs size-matched to each "
+                                   "vSAE's alive latents, and write report.md / report.html. Rerun to resume.")
+    p.add_argument("--cache", required=True, help="activation cache directory (from vsae harvest)")
+    p.add_argument("--plan", required=True, help="plan TOML file, or a shipped plan: paper | controlled")
+    p.add_argument("--out", required=True, help="study directory (e.g. studies/NAME)")
+    p.add_argument("--device", default="cpu", help="torch device for training and evaluation")
+    p.add_argument("--steps", type=int, default=None, help="override every run's training steps")
+    p.add_argument("--metrics", default=None, help="override the plan's metrics: comma list or all")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="turn off: progress bars")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", formatter_class=_Formatter, help="the whole pipeline on the embedded default",
                        description="The whole pipeline on the embedded default: build the model (first use), "

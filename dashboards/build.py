@@ -218,7 +218,7 @@ def build_dashboard(run: str | Path, cfg: DashboardConfig) -> dict:
     if eval_hist:
         n_eval = (info.metrics.get("density") or {}).get("n_tokens")
         figures.append(["fig-eval-density", figure_data(density_histogram_figure(
-            {"eval": eval_hist}, f"density, vsae eval ({n_eval or '?'} tokens)")),
+            {"eval": eval_hist}, f"density on held-out eval tokens ({n_eval or '?'})")),
             False])
     for name, m in tsne_maps.items():
         figures.append([f"fig-tsne-{len(figures)}", figure_data(tsne_figure(m, f"t-SNE: {name} (click a point)")),
