@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from activations.cache import write_array_cache
-from dashboards.build import DashboardConfig, build_dashboard
-from vsae.checkpoint import SAEWeights, write_sae
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.synthetic
+
+from dashboards.build import DashboardConfig, build_dashboard  # noqa: E402
+from tests.synthetic import random_cache_and_sae  # noqa: E402
 
 
 def main() -> None:
@@ -33,28 +34,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--out", default=None, help="keep the dashboard here (default: a temporary directory)")
     args = ap.parse_args()
-    ctx = 128
-    n = max(1, args.tokens // (ctx - 1)) * (ctx - 1)
-    g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rng = np.random.default_rng(0)
-        acts = np.empty((n, args.d_in), dtype=np.float16)
-        for i in range(0, n, 1 << 16):
-            acts[i : i + (1 << 16)] = rng.standard_normal((min(1 << 16, n - i), args.d_in), dtype=np.float32)
-        write_array_cache(tmp / "cache", acts, ctx, {"kind": "synthetic", "name": "random"})
-        del acts
-        W_dec = torch.randn(args.d_sae, args.d_in, generator=g)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        sae = SAEWeights(W_enc=W_dec.T.contiguous(), b_enc=torch.zeros(args.d_sae), W_dec=W_dec,
-                         b_dec=torch.zeros(args.d_in), k=args.k, apply_b_dec_to_input=True)
-        run = tmp / "run"
-        run.mkdir()
-        write_sae(run, sae, {"model_name": "random", "hook_name": "synthetic", "context_size": ctx,
-                             "dataset_path": str(tmp / "cache")})
+        cache, run = random_cache_and_sae(tmp, args.tokens, args.d_in, args.d_sae, args.k)
         out = Path(args.out) if args.out else tmp / "dashboard"
         t = time.perf_counter()
-        r = build_dashboard(run, DashboardConfig(cache=str(tmp / "cache"), out=str(out), progress=True))
+        r = build_dashboard(run, DashboardConfig(cache=str(cache), out=str(out), progress=True))
         total = time.perf_counter() - t
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(json.dumps({"tokens": r["tokens"], "d_sae": args.d_sae, "k": args.k, "latents": r["latents"],

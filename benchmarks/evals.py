@@ -18,13 +18,13 @@ from pathlib import Path
 
 # This file's own name would shadow the `evals` package when run as a script.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.synthetic
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from activations.cache import write_array_cache  # noqa: E402
 from evals.driver import EvalConfig, evaluate  # noqa: E402
-from vsae.checkpoint import SAEWeights, write_sae  # noqa: E402
+from tests.synthetic import random_cache_and_sae  # noqa: E402
+from vsae.checkpoint import read_sae  # noqa: E402
 
 
 def main() -> None:
@@ -33,29 +33,14 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=8192)
     ap.add_argument("--d-in", type=int, default=512)
     args = ap.parse_args()
-    ctx = 128
-    n = args.tokens // (ctx - 1) * (ctx - 1)
-    g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rng = np.random.default_rng(0)
-        acts = np.empty((n, args.d_in), dtype=np.float16)
-        for i in range(0, n, 1 << 16):
-            acts[i : i + (1 << 16)] = rng.standard_normal((min(1 << 16, n - i), args.d_in), dtype=np.float32)
-        write_array_cache(tmp / "cache", acts, ctx, {"kind": "synthetic", "name": "random"})
-        del acts
-        W_dec = torch.randn(args.d_sae, args.d_in, generator=g)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        sae = SAEWeights(W_enc=W_dec.T.contiguous(), b_enc=torch.zeros(args.d_sae), W_dec=W_dec,
-                         b_dec=torch.zeros(args.d_in), k=64, apply_b_dec_to_input=True)
-        run = tmp / "run"
-        run.mkdir()
-        write_sae(run, sae, {"model_name": "random", "hook_name": "synthetic", "context_size": ctx,
-                             "dataset_path": str(tmp / "cache")})
+        cache, run = random_cache_and_sae(tmp, args.tokens, args.d_in, args.d_sae)
+        W_dec = read_sae(run)[0].W_dec
         # evals read the held-out split named in train.json: hold out (almost) all of this cache
         (run / "train.json").write_text(json.dumps({"train": {"eval_fraction": 0.999}}))
         t = time.perf_counter()
-        out = evaluate([run], EvalConfig(cache=str(tmp / "cache"), metrics=["core", "density"], tokens=n,
+        out = evaluate([run], EvalConfig(cache=str(cache), metrics=["core", "density"], tokens=args.tokens,
                                          progress=True))
         core_s = time.perf_counter() - t
         n_eval = out[str(run)]["metrics"]["density"]["n_tokens"]

@@ -20,6 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from activations.cache import fsync_dir
+
 # File and key names as SAELens 6.54 uses them (sae_lens/constants.py, training/sae_trainer.py).
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -138,15 +140,6 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The renames live in the directory entry; fsync it so they survive a crash too.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sae_cfg(weights: SAEWeights, metadata: dict[str, Any], dtype: str = "float32") -> dict[str, Any]:
     """The cfg.json dict, with the keys and order `TopKSAE(...).save_model` writes."""
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
@@ -209,7 +202,7 @@ def write_sae(
         _write_atomic(directory / SPARSITY_FILENAME, lambda p: save_file(sparsity, p))
     # cfg.json last: a directory with a cfg.json has all its files.
     _write_atomic(directory / CFG_FILENAME, lambda p: p.write_text(cfg_text))
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _read_cfg(directory: Path) -> dict[str, Any]:
