@@ -480,7 +480,7 @@ def write_report(out: Path, plan: dict, specs: list[RunSpec], docs: dict[str, di
     figures = _figures(out, specs, rows, cols)
     title = f"Study {plan.get('name', Path(out).name)}"
     head = ["run", *switches, *cols]
-    table = [[s.name, *[_fmt(s.switches()[k]) for k in switches], *[_fmt(rows[s.name][c]) for c in cols]]
+    table = [[s.name, *[_fmt(s.switches()[k]) for k in switches], *[_fmt(rows[s.name].get(c)) for c in cols]]
              for s in specs]
     eff_head = ["switch", "from", "to", "pairs", *[f"Δ {c}" for c in cols]]
     eff_rows = [[e["switch"], _fmt(e["from"]), _fmt(e["to"]), str(e["pairs"]), *[_fmt(e["deltas"].get(c))
@@ -529,7 +529,7 @@ def _figures(out: Path, specs: list[RunSpec], rows: dict[str, dict], cols: list[
         for group in series.values():
             group = sorted(group, key=lambda s: s.sae["k"])
             label = " ".join(_label_part(k, group[0].switches()[k]) for k in keys) or group[0].sae["variant"]
-            fig.add_trace(go.Scatter(x=[s.sae["k"] for s in group], y=[rows[s.name][c] for s in group],
+            fig.add_trace(go.Scatter(x=[s.sae["k"] for s in group], y=[rows[s.name].get(c) for s in group],
                                      mode="lines+markers", name=label))
         fig.update_layout(title=f"{c} against k", xaxis_title="k", yaxis_title=c, xaxis_type="log")
         write_figure(fig, out / "figures" / f"{c}.html")
