@@ -168,3 +168,17 @@ def test_sigkill_twice_then_resume_gives_the_same_report(tmp_path, cache):
         a = json.loads((run / "eval.json").read_text())["metrics"]
         b = json.loads((killed / "runs" / run.name / "eval.json").read_text())["metrics"]
         assert a == b, run.name
+
+
+def test_figures_skip_metrics_a_run_lacks(tmp_path):
+    """A size-matched TopK smaller than 500 latents has no SCR at N=500; the report must still be written."""
+    from dataclasses import asdict
+
+    from evals.study import RunSpec, _figures
+    from vsae.config import SAEConfig
+
+    specs = [RunSpec("a", "x", asdict(SAEConfig(k=16, d_sae=1024)), {}),
+             RunSpec("b", "x", asdict(SAEConfig(k=32, d_sae=300)), {})]
+    rows = {"a": {"scr_500": 0.1, "l0": 16}, "b": {"l0": 32}}
+    assert _figures(tmp_path, specs, rows, ["l0", "scr_500"]) == ["l0", "scr_500"]
+    assert (tmp_path / "figures" / "scr_500.html").is_file()
