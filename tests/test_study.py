@@ -174,11 +174,12 @@ def test_figures_skip_metrics_a_run_lacks(tmp_path):
     """A size-matched TopK smaller than 500 latents has no SCR at N=500; the report must still be written."""
     from dataclasses import asdict
 
-    from evals.study import RunSpec, _figures
-    from vsae.config import SAEConfig
+    from evals.study import TRAIN_SWITCHES, RunSpec, _figures
+    from vsae.config import SAEConfig, TrainConfig
 
-    specs = [RunSpec("a", "x", asdict(SAEConfig(k=16, d_sae=1024)), {}),
-             RunSpec("b", "x", asdict(SAEConfig(k=32, d_sae=300)), {})]
+    train = {k: v for k, v in asdict(TrainConfig(steps=10)).items() if k in TRAIN_SWITCHES}
+    specs = [RunSpec("a", "x", asdict(SAEConfig(k=16, d_sae=1024)), train),
+             RunSpec("b", "x", asdict(SAEConfig(k=32, d_sae=300)), train)]
     rows = {"a": {"scr_500": 0.1, "l0": 16}, "b": {"l0": 32}}
     assert _figures(tmp_path, specs, rows, ["l0", "scr_500"]) == ["l0", "scr_500"]
     assert (tmp_path / "figures" / "scr_500.html").is_file()
