@@ -476,7 +476,8 @@ def write_report(out: Path, plan: dict, specs: list[RunSpec], docs: dict[str, di
     cols = _columns(rows)
     switches = varying(specs) or ["variant"]
     counts = token_counts(next(iter(docs.values())))
-    effects = switch_effects(specs, rows)
+    # Size-matched runs differ from the grid in d_sae alone; their own table compares them, pairs here would be noise.
+    effects = switch_effects([s for s in specs if s.matched_to is None], rows)
     figures = _figures(out, specs, rows, cols)
     title = f"Study {plan.get('name', Path(out).name)}"
     head = ["run", *switches, *cols]
