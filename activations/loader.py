@@ -129,9 +129,7 @@ class ActivationLoader:
                     if i >= per_epoch:
                         break
                     if i >= skip:
-                        acts, _ = self.gather(rows[rank::world_size])
-                        x = torch.from_numpy(acts).to(self.dtype)
-                        yield (x.pin_memory() if pin else x), torch.empty(0)
+                        yield self._host_batch(rows[rank::world_size], pin)
                 epoch, skip = epoch + 1, 0
 
         for x, _ in background(host(), depth=self.prefetch):
@@ -139,6 +137,10 @@ class ActivationLoader:
 
     def _host_batches(self, epoch: int, pin: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for rows in self.batch_rows(epoch):
-            acts, toks = self.gather(rows)
-            x = torch.from_numpy(acts).to(self.dtype)
-            yield (x.pin_memory() if pin else x), torch.from_numpy(toks)
+            yield self._host_batch(rows, pin)
+
+    def _host_batch(self, rows: np.ndarray, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activations in the loader's dtype, pinned when bound for CUDA; token rows) of `rows`."""
+        acts, toks = self.gather(rows)
+        x = torch.from_numpy(acts).to(self.dtype)
+        return (x.pin_memory() if pin else x), torch.from_numpy(toks)

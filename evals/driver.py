@@ -8,7 +8,6 @@ held-out tokens, read once.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from activations.cache import manifest_hash, read_manifest, sequence_tokens
+from activations.cache import manifest_hash, read_manifest, sequence_tokens, write_text_atomic
 from activations.loader import ActivationLoader, split_sequences
 from activations.models import load_model, source_from_manifest, special_token_ids
 from evals.figures import write_figure
@@ -322,10 +321,7 @@ def _merge_existing(run: Path, doc: dict) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, default=_jsonable) + "\n")
 
 
 def _jsonable(v):

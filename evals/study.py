@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from activations.cache import manifest_hash, read_manifest
+from activations.cache import manifest_hash, read_manifest, write_text_atomic
 from evals.driver import METRICS, EvalConfig, evaluate
 from evals.figures import write_figure
 from vsae.config import PRESETS, SAEConfig, TrainConfig, _label_part
@@ -249,14 +248,6 @@ def size_matched(plan: dict, specs: list[RunSpec], alive: dict[str, int], d_in: 
 
 # ---------------------------------------------------------------- study state
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _identity(plan: dict, cfg: StudyConfig, cache_hash: str) -> dict:
     return {"plan": plan, "cache_hash": cache_hash, "steps": cfg.steps, "metrics": cfg.metrics}
 
@@ -296,7 +287,7 @@ def _open_study(out: Path, identity: dict) -> dict:
 
 
 def _save(out: Path, state: dict) -> None:
-    _atomic_write(out / STUDY_JSON, json.dumps(state, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / STUDY_JSON, json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------- stages
@@ -512,8 +503,8 @@ def write_report(out: Path, plan: dict, specs: list[RunSpec], docs: dict[str, di
     if (out / "compare.html").exists():
         sections += [("h2", "Compare page"), ("links", [("compare.html", "all runs side by side")])]
     sections += [("h2", f"Skipped combinations ({len(skipped)})"), ("list", skipped or ["none"])]
-    _atomic_write(out / "report.md", _markdown(title, sections))
-    _atomic_write(out / "report.html", _html(title, sections))
+    write_text_atomic(out / "report.md", _markdown(title, sections))
+    write_text_atomic(out / "report.html", _html(title, sections))
 
 
 def _figures(out: Path, specs: list[RunSpec], rows: dict[str, dict], cols: list[str]) -> list[str]:
