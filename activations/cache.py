@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from activations.atomic import fsync_dir, write_text_atomic
+
 FORMAT = "vsae-activation-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -44,27 +46,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path.tmp`, fsync, rename: readers see the old or the new file, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

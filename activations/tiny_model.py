@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,20 +46,25 @@ _MIN_LR_FRACTION = 0.1  # cosine decay ends at lr / 10 (as in nanoGPT and Pythia
 class TinyModelConfig:
     """Corpus, tokenizer, architecture and training of the embedded model."""
 
-    corpus: str = "shakespeare"
-    vocab_size: int = 4096
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    d_mlp: int = 512
-    context: int = 128
-    train_tokens: int = 2_000_000  # ~4 min on 2 CPU cores: val CE 4.6 vs unigram 7.0
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 50
-    val_contexts: int = 200
-    seed: int = 0
+    corpus: str = field(default="shakespeare", metadata={
+        "help": "corpus to train the tokenizer and the model on (shakespeare | stdlib | hf:NAME | files)"})
+    vocab_size: int = field(default=4096, metadata={"help": "byte-level BPE vocabulary size"})
+    d_model: int = field(default=128, metadata={"help": "residual stream width"})
+    n_layers: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_heads: int = field(default=4, metadata={"help": "attention heads per block"})
+    d_mlp: int = field(default=512, metadata={"help": "MLP hidden width"})
+    context: int = field(default=128, metadata={"help": "tokens per training context"})
+    # ~4 min on 2 CPU cores: val CE 4.6 vs unigram 7.0
+    train_tokens: int = field(default=2_000_000, metadata={
+        "help": "training tokens (epochs over the corpus as needed)"})
+    batch_size: int = field(default=32, metadata={"help": "contexts per optimiser step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (cosine decay to a tenth)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the weight matrices"})
+    warmup_steps: int = field(default=50, metadata={
+        "help": "linear lr warm-up steps (capped at half the run)"})
+    val_contexts: int = field(default=200, metadata={
+        "help": "contexts from the corpus's end held out for the validation CE"})
+    seed: int = field(default=0, metadata={"help": "seed of the init and the batch order"})
 
 
 def model_dir(cfg: TinyModelConfig) -> Path:

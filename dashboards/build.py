@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +34,14 @@ from dashboards.feature_pages import (
     write_latent_shell,
 )
 from dashboards.figures import density_histogram_figure, tsne_figure
-from dashboards.gather import GatherConfig, Gatherer, log10_density_histogram, select_firings, sparse_codes
+from dashboards.gather import GatherConfig, Gatherer, LatentStats, select_firings
 from dashboards.html import data_script, figure_data, install_assets, write_text
 from dashboards.index_page import index_row, summary_html, write_index
-from dashboards.run_info import RunInfo, eval_density_histogram, eval_figure_files, eval_tsne_maps, read_run
+from dashboards.run_info import eval_density_histogram, eval_figure_files, eval_tsne_maps
 from dashboards.weights import decoder_neighbours, logit_effects
-from vsae.checkpoint import read_sae
+from vsae.checkpoint import SAEWeights, read_sae
+from vsae.firing import log10_density_histogram
+from vsae.run import RunDir, read_run
 
 DASHBOARD_META = "dashboard.json"
 
@@ -50,18 +52,21 @@ class DashboardError(RuntimeError):
 
 @dataclass
 class DashboardConfig:
-    cache: str
-    out: str
-    features: str = "all"  # all | N (latents 0..N-1) | i,j,k | top-density:N
-    contexts: int = 20  # top activating contexts per latent
-    quantile_samples: int = 4  # contexts shown per activation-quantile band
-    quantile_bands: int = 5
-    tokens: int | None = None  # cache rows to scan (whole sequences; None: the whole cache)
-    neighbours: int = 10
-    batch_size: int = 4096
-    device: str = "cpu"
-    seed: int = 0
-    progress: bool = True
+    cache: str = field(metadata={
+        "help": "activation cache the run was trained on (every row is scanned unless tokens is set)"})
+    out: str = field(metadata={"help": "output directory (index.html, latent.html#ID, data/, assets/)"})
+    features: str = field(default="all", metadata={
+        "help": "latents to show: all | N (ids 0..N-1) | i,j,k | top-density:N (the N most frequent)"})
+    contexts: int = field(default=20, metadata={"help": "top activating contexts per latent"})
+    quantile_samples: int = field(default=4, metadata={"help": "contexts shown per activation-quantile band"})
+    quantile_bands: int = field(default=5, metadata={"help": "activation-quantile bands per latent"})
+    tokens: int | None = field(default=None, metadata={
+        "help": "cache rows to scan, rounded up to whole sequences (unset: the whole cache)"})
+    neighbours: int = field(default=10, metadata={"help": "nearest latents by decoder cosine listed per latent"})
+    batch_size: int = field(default=4096, metadata={"help": "rows per batch (rounded down to whole sequences)"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    seed: int = field(default=0, metadata={"help": "seed of the uniform samples of firings"})
+    progress: bool = field(default=True, metadata={"help": "progress bar"})
 
 
 def parse_features(spec: str, d_sae: int) -> tuple[torch.Tensor, int | None]:
@@ -88,7 +93,7 @@ def parse_features(spec: str, d_sae: int) -> tuple[torch.Tensor, int | None]:
     return torch.tensor(ids), None
 
 
-def check_run_matches_cache(info: RunInfo, manifest: dict, d_in: int, cache: str) -> None:
+def check_run_matches_cache(info: RunDir, manifest: dict, d_in: int, cache: str) -> None:
     settings = manifest["settings"]
     if d_in != int(manifest["d_in"]):
         raise DashboardError(f"run {info.path} has d_in {d_in} but the cache {cache} has width {manifest['d_in']}; "
@@ -120,8 +125,8 @@ def gather(sae, cache: str, rows_per_seq: int, latents: torch.Tensor, cfg: Dashb
     with torch.no_grad():
         for x in loader:
             x = x[: n_rows - first].to(cfg.device)
-            vals, idx = sparse_codes(sae, x)
-            rows, lat, v = select_firings(vals, idx, position)
+            code = sae.encode_topk(x)
+            rows, lat, v = select_firings(code.vals, code.idx, position)
             g.update(rows, lat, v, x.shape[0], first)
             first += x.shape[0]
             bar.update(x.shape[0])
@@ -140,31 +145,42 @@ def _model_or_none(manifest: dict, device: str):
     return load_model(source_from_manifest(model), device=device)
 
 
-def build_dashboard(run: str | Path, cfg: DashboardConfig) -> dict:
-    """Write the dashboard of `run` into `cfg.out`; returns a summary (paths, counts, seconds per stage)."""
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    run = Path(run)
-    out = Path(cfg.out)
-    if cfg.contexts < 1 or cfg.quantile_samples < 0 or cfg.quantile_bands < 1:
-        raise ValueError("--contexts and --quantile-bands must be >= 1, --quantile-samples >= 0")
+@dataclass
+class _Scan:
+    """What the gathering stage hands on: the run, its SAE, the cache's token ids, and the statistics."""
+
+    run: Path
+    info: RunDir
+    sae: SAEWeights
+    manifest: dict
+    token_ids: np.ndarray  # [n_rows]
+    latents: torch.Tensor
+    stats: LatentStats
+    n_rows: int
+
+
+def _scan(run: Path, cfg: DashboardConfig) -> _Scan:
+    """Read the run and the cache, check they belong together, gather the shown latents' statistics."""
     sae, _ = read_sae(run, device=cfg.device)
     info = read_run(run)
     manifest, _, toks = open_shards(cfg.cache)
     check_run_matches_cache(info, manifest, sae.d_in, cfg.cache)
     latents, top_density = parse_features(cfg.features, sae.d_sae)
-
     stats, n_rows = gather(sae, cfg.cache, int(manifest["rows_per_sequence"]), latents, cfg)
     if top_density is not None:
         keep = torch.argsort(stats.count, descending=True, stable=True)[:top_density].sort().values
         stats = stats.take(keep)
         latents = stats.latents
-    times["gather"] = time.perf_counter() - t0
+    token_ids = np.concatenate([tk[:, 0] for tk in toks])[:n_rows]
+    return _Scan(run, info, sae, manifest, token_ids, latents, stats, n_rows)
 
-    t = time.perf_counter()
+
+def _weight_effects(scan: _Scan, cfg: DashboardConfig) -> tuple[TokenText, tuple | None, torch.Tensor,
+                                                                 torch.Tensor, list[str]]:
+    """(token text, logit effects or None, decoder-neighbour cosines and ids, notices) of the shown latents."""
     notices = []
-    model = _model_or_none(manifest, cfg.device)
-    W_dec = sae.W_dec.float()
+    model = _model_or_none(scan.manifest, cfg.device)
+    W_dec = scan.sae.W_dec.float()
     logits = None
     if model is None:
         notices.append("The cache names no loadable model (synthetic activations): tokens are shown as ids and "
@@ -174,46 +190,40 @@ def build_dashboard(run: str | Path, cfg: DashboardConfig) -> dict:
         text = TokenText(model.tokenizer)
         ln = getattr(getattr(model, "ln_final", None), "w", None)
         with torch.no_grad():
-            logits = logit_effects(W_dec[latents.to(W_dec.device)], model.W_U.detach(),
+            logits = logit_effects(W_dec[scan.latents.to(W_dec.device)], model.W_U.detach(),
                                    ln.detach() if ln is not None else None)
         logits = tuple(x.cpu() for x in logits)
     with torch.no_grad():
-        cos, nb_ids = decoder_neighbours(W_dec, latents.to(W_dec.device), n=cfg.neighbours)
-    times["weights"] = time.perf_counter() - t
+        cos, nb_ids = decoder_neighbours(W_dec, scan.latents.to(W_dec.device), n=cfg.neighbours)
+    return text, logits, cos.cpu(), nb_ids.cpu(), notices
 
-    t = time.perf_counter()
-    ablation = {int(k): v for k, v in ((info.metrics.get("ablation") or {}).get("latents") or {}).items()
-                if str(k).lstrip("-").isdigit() and isinstance(v, dict)}
-    tsne_maps = eval_tsne_maps(info)
-    tsne_pos = {name: {int(i): (float(x), float(y)) for i, (x, y) in zip(m["latent_ids"], m["coords"], strict=False)}
-                for name, m in tsne_maps.items()}
-    extras = LatentExtras(run_name=run.name, neighbour_cos=cos.cpu(), neighbour_ids=nb_ids.cpu(), logits=logits,
-                          ablation=ablation, tsne=tsne_pos or None, n_bands=cfg.quantile_bands,
-                          per_band=cfg.quantile_samples)
-    token_ids = np.concatenate([tk[:, 0] for tk in toks])[:n_rows]
 
+def _write_latents(out: Path, scan: _Scan, text: TokenText, extras: LatentExtras, tsne_maps: dict) -> list:
+    """Write the shared assets, the latent page and every shown latent's data file; returns the index rows."""
     out.mkdir(parents=True, exist_ok=True)
     stale = out / LATENT_DIR
     if stale.is_dir():
         for f in stale.glob("*.js"):
             f.unlink()
     install_assets(out)
-    write_latent_shell(out, run.name)
-    has_page = set(latents.tolist())
+    write_latent_shell(out, scan.run.name)
     rows = []
-    for doc in latent_documents(stats, token_ids, text, extras, has_page):
+    for doc in latent_documents(scan.stats, scan.token_ids, text, extras, set(scan.latents.tolist())):
         write_latent_page(out, doc)
         rows.append(index_row(doc))
     if tsne_maps:
         write_text(out / "data" / "tsne.js", data_script("tsneMaps", {
             name: {"x": [c[0] for c in m["coords"]], "y": [c[1] for c in m["coords"]], "ids": m["latent_ids"]}
             for name, m in tsne_maps.items()}))
+    return rows
 
-    n_dead = int(stats.dead.sum())
-    shown = "all" if latents.numel() == sae.d_sae else f"{latents.numel()} ({cfg.features})"
+
+def _index_figures(scan: _Scan, tsne_maps: dict) -> list:
+    """The index page's figures: density over the scanned tokens, eval's density, the t-SNE maps."""
+    info, n_rows = scan.info, scan.n_rows
     figures = [["fig-density", figure_data(density_histogram_figure(
-        {"scanned tokens": log10_density_histogram(stats.density.numpy(), n_rows)},
-        f"density of {latents.numel()} latents, {n_rows:,} tokens")), False]]
+        {"scanned tokens": log10_density_histogram(scan.stats.density, n_rows)},
+        f"density of {scan.latents.numel()} latents, {n_rows:,} tokens")), False]]
     eval_hist = eval_density_histogram(info)
     if eval_hist:
         n_eval = (info.metrics.get("density") or {}).get("n_tokens")
@@ -223,26 +233,63 @@ def build_dashboard(run: str | Path, cfg: DashboardConfig) -> dict:
     for name, m in tsne_maps.items():
         figures.append([f"fig-tsne-{len(figures)}", figure_data(tsne_figure(m, f"t-SNE: {name} (click a point)")),
                         True])
+    return figures
+
+
+def _summary(scan: _Scan, cfg: DashboardConfig, n_dead: int) -> str:
+    """The index page's summary: the run, the scan, the last training log line, eval's core and density."""
+    info, latents = scan.info, scan.latents
+    shown = "all" if latents.numel() == scan.sae.d_sae else f"{latents.numel()} ({cfg.features})"
     core = {k: v for k, v in (info.metrics.get("core") or {}).items()}
     density_eval = {k: v for k, v in (info.metrics.get("density") or {}).items()
                     if not isinstance(v, list | dict)}
     last_log = info.log[-1] if info.log else {}
     config = info.config()
     headline = ("architecture", "sae.variant", "d_in", "d_sae", "k", "hook_name", "model", "tokens_seen")
-    summary = summary_html({
-        "run": {"name": run.name, "path": str(run), **{k: config[k] for k in headline if k in config}},
-        "dashboard scan": {"cache": cfg.cache, "cache hash": manifest_hash(manifest), "tokens scanned": n_rows,
-                           "latents shown": shown, "dead among shown": n_dead,
+    return summary_html({
+        "run": {"name": scan.run.name, "path": str(scan.run), **{k: config[k] for k in headline if k in config}},
+        "dashboard scan": {"cache": cfg.cache, "cache hash": manifest_hash(scan.manifest),
+                           "tokens scanned": scan.n_rows, "latents shown": shown, "dead among shown": n_dead,
                            "dead fraction among shown": n_dead / max(latents.numel(), 1)},
         "training (last log line)": {k: v for k, v in last_log.items() if not isinstance(v, list | dict)},
         "eval: core": core,
         "eval: density": density_eval,
     }, {"full configuration": config})
+
+
+def build_dashboard(run: str | Path, cfg: DashboardConfig) -> dict:
+    """Write the dashboard of `run` into `cfg.out`; returns a summary (paths, counts, seconds per stage)."""
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    run = Path(run)
+    out = Path(cfg.out)
+    if cfg.contexts < 1 or cfg.quantile_samples < 0 or cfg.quantile_bands < 1:
+        raise ValueError("--contexts and --quantile-bands must be >= 1, --quantile-samples >= 0")
+    scan = _scan(run, cfg)
+    times["gather"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    text, logits, cos, nb_ids, notices = _weight_effects(scan, cfg)
+    times["weights"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    info = scan.info
+    ablation = {int(k): v for k, v in ((info.metrics.get("ablation") or {}).get("latents") or {}).items()
+                if str(k).lstrip("-").isdigit() and isinstance(v, dict)}
+    tsne_maps = eval_tsne_maps(info)
+    tsne_pos = {name: {int(i): (float(x), float(y)) for i, (x, y) in zip(m["latent_ids"], m["coords"], strict=False)}
+                for name, m in tsne_maps.items()}
+    extras = LatentExtras(run_name=run.name, neighbour_cos=cos, neighbour_ids=nb_ids, logits=logits,
+                          ablation=ablation, tsne=tsne_pos or None, n_bands=cfg.quantile_bands,
+                          per_band=cfg.quantile_samples)
+    rows = _write_latents(out, scan, text, extras, tsne_maps)
+    n_dead = int(scan.stats.dead.sum())
     links = [(label, os.path.relpath(path, out)) for label, path in eval_figure_files(info)]
-    write_index(out, f"{run.name}: SAE dashboard", summary, rows, figures, notices, links)
+    write_index(out, f"{run.name}: SAE dashboard", _summary(scan, cfg, n_dead), rows, _index_figures(scan, tsne_maps),
+                notices, links)
     meta = {"run": str(run.resolve()), "run_name": run.name, "cache": str(Path(cfg.cache).resolve()),
-            "cache_hash": manifest_hash(manifest), "n_tokens": n_rows, "latents": latents.tolist(),
+            "cache_hash": manifest_hash(scan.manifest), "n_tokens": scan.n_rows, "latents": scan.latents.tolist(),
             "n_dead": n_dead, "settings": asdict(cfg)}
     write_text(out / DASHBOARD_META, json.dumps(meta) + "\n")
     times["write"] = time.perf_counter() - t
-    return {"out": str(out), "latents": latents.numel(), "dead": n_dead, "tokens": n_rows, "seconds": times}
+    return {"out": str(out), "latents": scan.latents.numel(), "dead": n_dead, "tokens": scan.n_rows, "seconds": times}

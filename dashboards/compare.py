@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,12 @@ from dashboards.assets import CSS
 from dashboards.build import DASHBOARD_META, DashboardError
 from dashboards.feature_pages import LATENT_PAGE
 from dashboards.figures import best_match_figure, density_histogram_figure, training_curves_figure, tsne_figure
-from dashboards.gather import log10_density_histogram, sparse_codes
 from dashboards.html import esc, figure_data, fmt, inline_assets, page, script_json, table, write_text
-from dashboards.run_info import RunInfo, eval_density_histogram, eval_tsne_maps, flat_scalars, read_run
+from dashboards.run_info import eval_density_histogram, eval_tsne_maps, flat_scalars
 from dashboards.weights import DECODER_COSINE_DEFINITION, best_matches
-from vsae.checkpoint import read_sae
+from vsae.checkpoint import SAEWeights, read_sae
+from vsae.firing import DENSE_THRESHOLD, FiringCounter, log10_density_histogram, special_ids, special_mask
+from vsae.run import RunDir, read_run
 
 METRIC_GROUPS = ("core", "density", "scr", "tpp", "independence")
 MATCH_THRESHOLD = 0.9
@@ -38,20 +39,25 @@ MATCH_THRESHOLD = 0.9
 
 @dataclass
 class CompareConfig:
-    cache: str
-    out: str = "compare.html"
-    dashboards: list[str] | None = None  # dashboard directories (`vsae dashboard --out`), matched to runs by path
-    tokens: int = 100_000  # held-out cache rows on which latent densities are measured
-    matches: int = 100  # rows of the matched-latents table (the densest latents of each group's first run)
-    batch_size: int = 4096
-    device: str = "cpu"
-    progress: bool = True
+    cache: str = field(metadata={
+        "help": "activation cache: latent densities are measured on its held-out rows for the runs trained on it"})
+    out: str = field(default="compare.html", metadata={"help": "output HTML file (self-contained: plotly.js inlined)"})
+    dashboards: list[str] | None = field(default=None, metadata={
+        "help": "dashboard directories of these runs (from vsae dashboard), matched to runs by path, for links "
+                "into them"})
+    tokens: int = field(default=100_000, metadata={
+        "help": "held-out cache rows on which latent densities are measured"})
+    matches: int = field(default=100, metadata={
+        "help": "rows of the matched-latents table (the densest latents of each group's first run)"})
+    batch_size: int = field(default=4096, metadata={"help": "rows per batch"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    progress: bool = field(default=True, metadata={"help": "progress bar"})
 
 
 @dataclass
 class Run:
-    info: RunInfo
-    sae: object
+    info: RunDir
+    sae: SAEWeights
     key: tuple  # (model, hook, d_in): runs with the same key read the same activations
     density: np.ndarray | None = None  # on the cache's held-out tokens, when the run matches the cache
     dashboard: Path | None = None
@@ -97,31 +103,41 @@ def _link_dashboards(runs: list[Run], dashboards: list[str]) -> list[str]:
     return notices
 
 
-def _densities(runs: list[Run], cache: str, cfg: CompareConfig) -> int:
-    """Firing densities of every run that matches the cache, on the same held-out rows, in one pass."""
-    if not runs:
-        return 0
-    eval_fraction = float((runs[0].info.train.get("train") or {}).get("eval_fraction", 0.05))
-    loader = ActivationLoader(cache, cfg.batch_size, split="eval", eval_fraction=eval_fraction, shuffle=False)
+def measure_densities(saes: list[SAEWeights], cache: str, eval_fraction: float, cfg: CompareConfig
+                      ) -> tuple[list[np.ndarray], int]:
+    """(firing density of each SAE, tokens counted) on the same held-out rows of `cache`, in one pass.
+
+    Rows are counted as `vsae eval` counts them (special tokens dropped), so the page and eval.json agree on
+    which latents are dead. A cache with no held-out rows for this split is read whole.
+    """
+    loader = ActivationLoader(cache, cfg.batch_size, split="eval", eval_fraction=eval_fraction, shuffle=False,
+                              with_tokens=True)
     if loader.n_tokens == 0:
-        loader = ActivationLoader(cache, cfg.batch_size, split="all", shuffle=False)
+        loader = ActivationLoader(cache, cfg.batch_size, split="all", shuffle=False, with_tokens=True)
+    special = special_ids(loader.manifest)
     n_rows = min(cfg.tokens, loader.n_tokens)
-    counts = [torch.zeros(r.sae.d_sae, dtype=torch.int64) for r in runs]
+    counters = [FiringCounter(sae.d_sae) for sae in saes]
     seen = 0
     bar = tqdm(total=n_rows, unit="tok", unit_scale=True, desc="compare", disable=not cfg.progress)
-    with torch.no_grad():
-        for x in loader:
-            x = x[: n_rows - seen].to(cfg.device)
-            for c, r in zip(counts, runs, strict=True):
-                vals, idx = sparse_codes(r.sae, x)
-                c += torch.bincount(idx[vals > 0], minlength=r.sae.d_sae).cpu()
-            seen += x.shape[0]
-            bar.update(x.shape[0])
-            if seen >= n_rows:
-                break
+    for x, toks in loader:
+        x = x[~special_mask(toks[:, 0], special)][: n_rows - seen].to(cfg.device)
+        for counter, sae in zip(counters, saes, strict=True):
+            counter.update_code(sae.encode_topk(x))
+        seen += x.shape[0]
+        bar.update(x.shape[0])
+        if seen >= n_rows:
+            break
     bar.close()
-    for c, r in zip(counts, runs, strict=True):
-        r.density = (c.double() / max(seen, 1)).numpy()
+    return [c.density().numpy() for c in counters], seen
+
+
+def _densities(runs: list[Run], cache: str, cfg: CompareConfig) -> int:
+    """Set the density of every run that matches the cache; returns the tokens counted."""
+    if not runs:
+        return 0
+    densities, seen = measure_densities([r.sae for r in runs], cache, runs[0].info.eval_fraction, cfg)
+    for r, density in zip(runs, densities, strict=True):
+        r.density = density
     return seen
 
 
@@ -171,7 +187,8 @@ def _metric_section(runs: list[Run], n_density: int) -> str:
                 flat.update({f"{group}.{k}": v for k, v in _headline(group, g) if not isinstance(v, str)})
         if r.density is not None:
             flat[f"cache.dead_fraction ({n_density:,} held-out tokens)"] = float((r.density == 0).mean())
-            flat[f"cache.dense_fraction (> 0.1, {n_density:,} tokens)"] = float((r.density > 0.1).mean())
+            flat[f"cache.dense_fraction (> {DENSE_THRESHOLD}, {n_density:,} tokens)"] = float(
+                (r.density > DENSE_THRESHOLD).mean())
         flat["d_sae"] = r.sae.d_sae
         flat["k"] = r.sae.k
         if r.info.log:
@@ -280,27 +297,21 @@ def _tsne_section(runs: list[Run], out_dir: Path, figures: list) -> str:
     return "<h2>t-SNE maps</h2>" + "".join(parts)
 
 
-def compare_runs(paths: list[str | Path], cfg: CompareConfig) -> dict:
-    """Write the comparison page of `paths` to `cfg.out`; returns a summary."""
-    if len(paths) < 2:
-        raise ValueError("vsae compare needs at least two runs")
-    out = Path(cfg.out)
-    out_dir = out.parent
-    manifest = read_manifest(cfg.cache)
-    settings = manifest["settings"]
-    cache_model = settings["model"].get("name") if isinstance(settings["model"], dict) else None
-    cache_key = (cache_model, settings["hook_name"], int(manifest["d_in"]))
+def _read_runs(paths: list[str | Path], cfg: CompareConfig, cache_model: str | None) -> list[Run]:
     runs = []
     for p in paths:
         info = read_run(p)
         sae, _ = read_sae(Path(p), device=cfg.device)
-        key = (info.model_name or cache_model, info.hook_name, sae.d_in)
-        runs.append(Run(info=info, sae=sae, key=key))
+        runs.append(Run(info=info, sae=sae, key=(info.model_name or cache_model, info.hook_name, sae.d_in)))
     if len({str(r.info.path.resolve()) for r in runs}) < len(runs):
         raise DashboardError("the same run is given twice")
     _unique_labels(runs)
-    notices = _link_dashboards(runs, cfg.dashboards or [])
+    return runs
 
+
+def _group(runs: list[Run], cache_key: tuple, cache: str, notices: list[str]) -> tuple[dict[tuple, list[Run]],
+                                                                                        list[Run]]:
+    """(runs grouped by the activations they read, the runs trained on the cache's); notices say what differs."""
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
         groups.setdefault(r.key, []).append(r)
@@ -312,13 +323,12 @@ def compare_runs(paths: list[str | Path], cfg: CompareConfig) -> dict:
     on_cache = [r for r in runs if r.key[1:] == cache_key[1:] and r.key[0] in (cache_key[0], None)]
     off_cache = [r for r in runs if r not in on_cache]
     if off_cache:
-        notices.append(f"Not measured on the cache {cfg.cache} ({_key_label(cache_key)}): "
+        notices.append(f"Not measured on the cache {cache} ({_key_label(cache_key)}): "
                        f"{', '.join(_label(r) for r in off_cache)} (trained on other activations).")
-    n_density = _densities([r for r in on_cache if r.sae.d_in == cache_key[2]], cfg.cache, cfg)
+    return groups, [r for r in on_cache if r.sae.d_in == cache_key[2]]
 
-    figures: list = []
-    sections = [_config_section(runs), _metric_section(runs, n_density)]
 
+def _density_section(groups: dict[tuple, list[Run]], n_density: int, figures: list) -> str:
     dens_parts = []
     for key, group in groups.items():
         hists = {}
@@ -334,14 +344,10 @@ def compare_runs(paths: list[str | Path], cfg: CompareConfig) -> dict:
                 title += f" ({_key_label(key)})"
             figures.append([fig_id, figure_data(density_histogram_figure(hists, title)), False])
             dens_parts.append(f'<div class="plot" id="{fig_id}"></div>')
-    sections.append("<h2>Latent density</h2>" + ("".join(dens_parts) or '<p class="muted">No densities.</p>'))
+    return "<h2>Latent density</h2>" + ("".join(dens_parts) or '<p class="muted">No densities.</p>')
 
-    curves = training_curves_figure({_label(r): r.info.log for r in runs if r.info.log})
-    if curves is not None:
-        figures.append(["fig-curves", figure_data(curves), False])
-        sections.append('<h2>Training curves (log.jsonl)</h2><div class="plot" id="fig-curves"></div>')
-    sections.append(_tsne_section(runs, out_dir, figures))
 
+def _matches(groups: dict[tuple, list[Run]], out_dir: Path, cfg: CompareConfig, figures: list) -> str:
     match_parts = []
     for key, group in groups.items():
         if len(group) < 2:
@@ -349,15 +355,43 @@ def compare_runs(paths: list[str | Path], cfg: CompareConfig) -> dict:
         if len(groups) > 1:
             match_parts.append(f"<h3>{esc(_key_label(key))}</h3>")
         match_parts.append(_match_section(group, out_dir, cfg, figures))
-    sections.append("<h2>Latents matched across runs</h2>" + (
-        "".join(match_parts) or '<p class="muted">No two runs read the same activations: nothing to match.</p>'))
+    return "<h2>Latents matched across runs</h2>" + (
+        "".join(match_parts) or '<p class="muted">No two runs read the same activations: nothing to match.</p>')
 
+
+def _runs_table(runs: list[Run], out_dir: Path) -> str:
     run_rows = [[esc(_label(r)), esc(str(r.info.path)), esc(_key_label(r.key)),
                  (f'<a href="{esc(os.path.relpath(r.dashboard / "index.html", out_dir))}">dashboard</a>'
                   if r.dashboard else '<span class="muted">none given</span>')] for r in runs]
+    return table(run_rows, ['run', 'path', 'activations', 'dashboard'], cls='data')
+
+
+def compare_runs(paths: list[str | Path], cfg: CompareConfig) -> dict:
+    """Write the comparison page of `paths` to `cfg.out`; returns a summary."""
+    if len(paths) < 2:
+        raise ValueError("vsae compare needs at least two runs")
+    out = Path(cfg.out)
+    out_dir = out.parent
+    manifest = read_manifest(cfg.cache)
+    settings = manifest["settings"]
+    cache_model = settings["model"].get("name") if isinstance(settings["model"], dict) else None
+    cache_key = (cache_model, settings["hook_name"], int(manifest["d_in"]))
+    runs = _read_runs(paths, cfg, cache_model)
+    notices = _link_dashboards(runs, cfg.dashboards or [])
+    groups, measured = _group(runs, cache_key, cfg.cache, notices)
+    n_density = _densities(measured, cfg.cache, cfg)
+
+    figures: list = []
+    sections = [_config_section(runs), _metric_section(runs, n_density), _density_section(groups, n_density, figures)]
+    curves = training_curves_figure({_label(r): r.info.log for r in runs if r.info.log})
+    if curves is not None:
+        figures.append(["fig-curves", figure_data(curves), False])
+        sections.append('<h2>Training curves (log.jsonl)</h2><div class="plot" id="fig-curves"></div>')
+    sections.append(_tsne_section(runs, out_dir, figures))
+    sections.append(_matches(groups, out_dir, cfg, figures))
+
     notice_html = "".join(f'<p class="warn">{esc(n)}</p>' for n in notices)
-    body = (f"<h1>Comparison of {len(runs)} runs</h1>{notice_html}"
-            f"{table(run_rows, ['run', 'path', 'activations', 'dashboard'], cls='data')}"
+    body = (f"<h1>Comparison of {len(runs)} runs</h1>{notice_html}{_runs_table(runs, out_dir)}"
             f'<p class="note">Cache: {esc(cfg.cache)} (hash {esc(manifest_hash(manifest))}).</p>'
             + "".join(sections))
     plotly_js, vsae_js = inline_assets()

@@ -1,8 +1,8 @@
 """One pass over an activation cache gathering every dashboard statistic of many latents at once.
 
-Pure tensor code: `sparse_codes` turns a batch of activations into the SAE's firings, `Gatherer.update` folds a
-batch of firings into running per-latent state, `Gatherer.result` hands back `LatentStats`. The driver
-(`dashboards/build.py`) reads the cache and writes pages; nothing here opens a file.
+Pure tensor code: `select_firings` picks the firings out of a batch's TopK code (`SAEWeights.encode_topk`),
+`Gatherer.update` folds a batch of firings into running per-latent state, `Gatherer.result` hands back
+`LatentStats`. The driver (`dashboards/build.py`) reads the cache and writes pages; nothing here opens a file.
 
 Per latent, over all scanned tokens (a latent "fires" on a token when its activation is > 0):
 - count, sum and max of its activations;
@@ -23,26 +23,25 @@ and every window lie inside one batch.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
-
-from vsae.checkpoint import SAEWeights
-from vsae.sparse import topk_latents
 
 EMPTY_EXP = -1000  # histogram exponent of a latent that has not fired yet (its counts are all zero)
 
 
 @dataclass
 class GatherConfig:
-    n_top: int = 20  # top contexts per latent
-    n_reservoir: int = 60  # uniformly sampled firings per latent, from which the quantile bands are drawn
-    n_bins: int = 64  # activation histogram bins (a power of two keeps bin edges exact as the range doubles)
-    before: int = 24  # tokens shown before the marked token
-    after: int = 8  # tokens shown after it
-    seed: int = 0  # priorities of the uniform sample
+    n_top: int = field(default=20, metadata={"help": "top activating contexts kept per latent"})
+    n_reservoir: int = field(default=60, metadata={
+        "help": "uniformly sampled firings kept per latent, from which the quantile bands are drawn"})
+    # a power of two keeps bin edges exact as the range doubles
+    n_bins: int = field(default=64, metadata={"help": "activation histogram bins (a power of two)"})
+    before: int = field(default=24, metadata={"help": "tokens shown before the marked token"})
+    after: int = field(default=8, metadata={"help": "tokens shown after the marked token"})
+    seed: int = field(default=0, metadata={"help": "seed of the priorities of the uniform sample"})
 
     def __post_init__(self) -> None:
         if self.n_top < 1 or self.n_reservoir < 1:
@@ -92,21 +91,6 @@ class LatentStats:
         """The statistics of the latents at `positions` only."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return LatentStats(**{k: v[positions] if torch.is_tensor(v) else v for k, v in fields.items()})
-
-
-def sparse_codes(sae: SAEWeights, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(vals, idx) [B, k] of `sae.encode(x)`'s nonzeros (and zeros where a row has fewer than k positives).
-
-    The same function as `SAEWeights.encode` without the dense [B, d_sae] result: top-k of the
-    pre-activations, then ReLU (`vsae.sparse.topk_latents`); a ReLU SAE (k = d_sae) gives every latent.
-    """
-    x = x.to(sae.W_enc.dtype)
-    if sae.apply_b_dec_to_input:
-        x = x - sae.b_dec
-    pre = torch.addmm(sae.b_enc, x, sae.W_enc)
-    if sae.k == sae.d_sae:
-        return pre.relu_(), torch.arange(sae.d_sae, device=x.device).expand(x.shape[0], -1)
-    return topk_latents(pre, sae.k)
 
 
 def select_firings(vals: Tensor, idx: Tensor, position: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -338,28 +322,3 @@ def quantile_bands(values: np.ndarray, n_bands: int) -> list[np.ndarray]:
     """
     order = np.argsort(np.asarray(values), kind="stable")
     return [np.sort(group) for group in np.array_split(order, n_bands)]
-
-
-def log10_density_histogram(density: np.ndarray, n_tokens: int, bins_per_decade: int = 4) -> dict:
-    """Histogram of log10 density over the alive latents: {"edges", "counts", "n_dead"}.
-
-    Edges step 1/bins_per_decade from floor(log10(1 / n_tokens)) (the lowest density an alive latent can have) to 0,
-    as `vsae eval` bins it, so histograms over the same number of tokens line up.
-    """
-    density = np.asarray(density, dtype=np.float64)
-    lo = float(np.floor(np.log10(1 / n_tokens))) if n_tokens > 0 else -1.0
-    edges = np.linspace(lo, 0.0, max(1, round(-lo * bins_per_decade)) + 1)
-    alive = density > 0
-    counts, _ = np.histogram(np.clip(np.log10(density[alive]), lo, 0.0), bins=edges)
-    return {"edges": edges.tolist(), "counts": counts.tolist(), "n_dead": int((~alive).sum())}
-
-
-def firing_counts(sae: SAEWeights, batches, device: str = "cpu") -> tuple[Tensor, int]:
-    """(per-latent firing counts [d_sae], tokens) over an iterable of activation batches."""
-    counts = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
-    n = 0
-    for x in batches:
-        vals, idx = sparse_codes(sae, x.to(device))
-        counts += torch.bincount(idx[vals > 0], minlength=sae.d_sae)
-        n += x.shape[0]
-    return counts.cpu(), n

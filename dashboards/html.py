@@ -15,10 +15,9 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
+from activations.atomic import copy_atomic, write_text_atomic
 from dashboards.assets import CSS, JS
 
 ASSETS = "assets"
@@ -108,11 +107,8 @@ def page(title: str, body: str, *, scripts: tuple[str, ...] = (), inline: tuple[
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a file atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write a page or data file atomically (`activations.atomic`), making its directory if needed."""
+    write_text_atomic(path, text)
 
 
 def plotly_source() -> Path:
@@ -132,9 +128,7 @@ def install_assets(out: Path) -> None:
     src = plotly_source()
     dst = assets / PLOTLY_JS
     if not dst.is_file() or dst.stat().st_size != src.stat().st_size:
-        tmp = assets / f".{PLOTLY_JS}.{os.getpid()}.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        copy_atomic(src, dst)
     write_text(assets / "vsae.css", CSS)
     write_text(assets / "vsae.js", JS)
 

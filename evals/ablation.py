@@ -22,6 +22,7 @@ batched `batch_size` rows per forward.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -84,54 +85,74 @@ def latent_ablation_effects(
     contexts, n_firing = _firing_contexts(
         model, hook_name, sae, tokens, latents, special_ids, max_contexts, batch_size, device, progress
     )
+    sums = _ablation_sums(model, hook_name, sae, tokens, contexts, special_ids, batch_size, device, progress)
+    return {latent: _effect(len(contexts[latent]), n_firing[latent], sums[latent]) for latent in latents}
 
+
+def _ablation_sums(
+    model, hook_name: str, sae: SAEWeights, tokens: Tensor, contexts: dict[int, list[int]], special_ids: set[int],
+    batch_size: int, device: str, progress: bool,
+) -> dict[int, dict[str, float]]:
+    """Per latent, the CE increase and KL summed over the counted positions of its `contexts`, and the numbers of
+    those positions ("ce", "kl", "n_ce", "n_kl")."""
     # Jobs sorted by context, so a chunk of contexts shares one baseline forward among all its latents.
     jobs_by_context: dict[int, list[int]] = defaultdict(list)
     for latent, ctxs in contexts.items():
         for c in ctxs:
             jobs_by_context[c].append(latent)
     context_ids = sorted(jobs_by_context)
-    sums = {i: {"ce": 0.0, "kl": 0.0, "n_ce": 0, "n_kl": 0} for i in latents}
+    sums = {i: {"ce": 0.0, "kl": 0.0, "n_ce": 0, "n_kl": 0} for i in contexts}
 
     n_jobs = sum(len(v) for v in jobs_by_context.values())
     bar = tqdm(total=n_jobs, desc="ablation: forwards", disable=not progress, leave=False)
     for start in range(0, len(context_ids), batch_size):
         chunk = context_ids[start : start + batch_size]
         tok = tokens[chunk].to(device=device, dtype=torch.long)
-        mask = counted_mask(tok, special_ids)
-        base_hooks = [(hook_name, splice_hook(sae, mask))]
-        base_lp = log_probs(model.run_with_hooks(tok, return_type="logits", fwd_hooks=base_hooks))
-        base_ce = next_token_ce(base_lp, tok)
         jobs = [(row, latent) for row, c in enumerate(chunk) for latent in jobs_by_context[c]]
-        for j in range(0, len(jobs), batch_size):
-            rows = torch.tensor([row for row, _ in jobs[j : j + batch_size]], device=device)
-            ablate = torch.tensor([latent for _, latent in jobs[j : j + batch_size]], device=device)
-            hook = splice_hook(sae, mask[rows], ablate=ablate)
-            lp = log_probs(model.run_with_hooks(tok[rows], return_type="logits", fwd_hooks=[(hook_name, hook)]))
-            d_ce = ((next_token_ce(lp, tok[rows]) - base_ce[rows]) * mask[rows, :-1]).double().sum(dim=1)
-            kl = (kl_to_clean(base_lp[rows], lp) * mask[rows]).double().sum(dim=1)
-            for b, latent in enumerate(ablate.tolist()):
+        mask = counted_mask(tok, special_ids)
+        for ablated, d_ce, kl, n_ce, n_kl in _chunk_ablations(model, hook_name, sae, tok, mask, jobs, batch_size):
+            for b, latent in enumerate(ablated):
                 s = sums[latent]
                 s["ce"] += d_ce[b].item()
                 s["kl"] += kl[b].item()
-                s["n_ce"] += int(mask[rows[b], :-1].sum())
-                s["n_kl"] += int(mask[rows[b]].sum())
-            bar.update(len(ablate))
+                s["n_ce"] += int(n_ce[b])
+                s["n_kl"] += int(n_kl[b])
+            bar.update(len(ablated))
     bar.close()
+    return sums
 
-    out: dict[int, dict] = {}
-    for latent in latents:
-        s = sums[latent]
-        if not contexts[latent]:
-            out[latent] = {"n_contexts": 0}
-            continue
-        out[latent] = {
-            "n_contexts": len(contexts[latent]),
-            "n_tokens": s["n_ce"],
-            "n_firing": n_firing[latent],
-            # A context always has a counted position (the latent fired at one), so n_kl > 0; n_ce can be 0 only
-            # when that position is the last one of every context.
-            "ce_increase": s["ce"] / s["n_ce"] if s["n_ce"] else float("nan"),
-            "kl": s["kl"] / s["n_kl"],
-        }
-    return out
+
+@torch.no_grad()
+def _chunk_ablations(
+    model, hook_name: str, sae: SAEWeights, tok: Tensor, mask: Tensor, jobs: list[tuple[int, int]], batch_size: int
+) -> Iterator[tuple[list[int], Tensor, Tensor, Tensor, Tensor]]:
+    """One baseline forward over a chunk of contexts `tok` (counted positions `mask`), then its (row, latent)
+    ablations `batch_size` rows per forward. Yields per forward the latents ablated and, per job, the CE increase
+    and the KL summed over the row's counted positions, and the numbers of those positions (CE, KL)."""
+    base_hooks = [(hook_name, splice_hook(sae, mask))]
+    base_lp = log_probs(model.run_with_hooks(tok, return_type="logits", fwd_hooks=base_hooks))
+    base_ce = next_token_ce(base_lp, tok)
+    for j in range(0, len(jobs), batch_size):
+        rows = torch.tensor([row for row, _ in jobs[j : j + batch_size]], device=tok.device)
+        ablate = torch.tensor([latent for _, latent in jobs[j : j + batch_size]], device=tok.device)
+        m = mask[rows]
+        hook = splice_hook(sae, m, ablate=ablate)
+        lp = log_probs(model.run_with_hooks(tok[rows], return_type="logits", fwd_hooks=[(hook_name, hook)]))
+        d_ce = ((next_token_ce(lp, tok[rows]) - base_ce[rows]) * m[:, :-1]).double().sum(dim=1)
+        kl = (kl_to_clean(base_lp[rows], lp) * m).double().sum(dim=1)
+        yield ablate.tolist(), d_ce, kl, m[:, :-1].sum(dim=1), m.sum(dim=1)
+
+
+def _effect(n_contexts: int, n_firing: int, s: dict[str, float]) -> dict:
+    """One latent's entry of `latent_ablation_effects` from its `_ablation_sums`."""
+    if not n_contexts:
+        return {"n_contexts": 0}
+    return {
+        "n_contexts": n_contexts,
+        "n_tokens": s["n_ce"],
+        "n_firing": n_firing,
+        # A context always has a counted position (the latent fired at one), so n_kl > 0; n_ce can be 0 only
+        # when that position is the last one of every context.
+        "ce_increase": s["ce"] / s["n_ce"] if s["n_ce"] else float("nan"),
+        "kl": s["kl"] / s["n_kl"],
+    }

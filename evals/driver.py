@@ -16,11 +16,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from activations.cache import manifest_hash, read_manifest, sequence_tokens, write_text_atomic
+from activations.atomic import write_text_atomic
+from activations.cache import manifest_hash, read_manifest, sequence_tokens
 from activations.loader import ActivationLoader, split_sequences
 from activations.models import load_model, source_from_manifest, special_token_ids
 from evals.figures import write_figure
-from vsae.checkpoint import SAEWeights, read_sae
+from vsae.checkpoint import CheckpointError, SAEWeights, read_sae
+from vsae.code import TopKCode
+from vsae.firing import FiringCounter, special_ids, special_mask
+from vsae.run import DENSITY_FIGURE, EVAL_JSON, FIGURES_DIR, read_run, read_trainer_state
 
 N_VALUES = (2, 5, 10, 20, 50, 100, 500)
 METRICS = ("core", "density", "ablation", "tpp", "scr", "independence", "tsne")
@@ -51,20 +55,33 @@ DEFINITIONS = {
 
 @dataclass
 class EvalConfig:
-    cache: str
-    metrics: list[str] = field(default_factory=lambda: ["core", "density"])
-    tokens: int = 100_000  # held-out activation rows for core / density / independence / t-SNE
-    ce_contexts: int = 64  # held-out contexts run through the model for CE / KL
-    ablation_latents: int = 16  # the most frequent latents, when no explicit list is given
-    latents: list[int] | None = None
-    tsne_tokens: int = 20_000
-    batch_size: int = 4096
-    device: str = "cpu"
-    seed: int = 42
-    labelled: str = "offline"  # offline (generated) | real (Bias in Bios, Amazon reviews via the hub)
-    labelled_train: int = 4000  # SAEBench's train / test set sizes for SCR and TPP
-    labelled_test: int = 1000
-    progress: bool = True
+    cache: str = field(metadata={"help": "activation cache the runs were trained on (its held-out split is used)"})
+    metrics: list[str] = field(default_factory=lambda: ["core", "density"], metadata={
+        "help": "metric groups to compute"})
+    tokens: int = field(default=100_000, metadata={
+        "help": "held-out activation rows (special tokens excluded) streamed for core and density; the "
+                "independence and t-SNE samples are the first of them"})
+    ce_contexts: int = field(default=64, metadata={
+        "help": "held-out contexts run through the model for CE / KL scores and ablations"})
+    ablation_latents: int = field(default=16, metadata={
+        "help": "how many of the most frequent latents to ablate (when latents is unset)"})
+    latents: list[int] | None = field(default=None, metadata={"help": "explicit latent ids to ablate"})
+    tsne_tokens: int = field(default=20_000, metadata={
+        "help": "held-out rows whose latent activations form the t-SNE profiles"})
+    independence_tokens: int = field(default=20_000, metadata={
+        "help": "held-out rows whose latent activations give the independence statistics (with t-SNE too, "
+                "both use the larger of this and tsne_tokens)"})
+    batch_size: int = field(default=4096, metadata={"help": "rows per batch"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    seed: int = field(default=42, metadata={
+        "help": "seed of the independence pair sample, the offline labelled sets and the probes"})
+    labelled: str = field(default="offline", metadata={
+        "help": "labelled data for SCR / TPP: offline (generated) or real (Bias in Bios, Amazon reviews "
+                "via the hub)"})
+    # SAEBench's train / test set sizes for SCR and TPP
+    labelled_train: int = field(default=4000, metadata={"help": "SCR / TPP training texts"})
+    labelled_test: int = field(default=1000, metadata={"help": "SCR / TPP test texts"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
 
 
 class EvalError(RuntimeError):
@@ -91,7 +108,7 @@ def evaluate(runs: list[str | Path], cfg: EvalConfig) -> dict[str, dict]:
             raise EvalError(f"run {run} has d_in {sae.d_in} but the cache {cfg.cache} has width {d_in}; "
                             f"evaluate it on the cache it was trained on")
         saes[run] = sae
-    eval_fraction = _eval_fraction(runs[0])
+    eval_fraction = read_run(runs[0]).eval_fraction
     results: dict[Path, dict] = {run: {} for run in runs}
     t0 = time.perf_counter()
 
@@ -145,39 +162,38 @@ def evaluate(runs: list[str | Path], cfg: EvalConfig) -> dict[str, dict]:
             "definitions": {k: v for k, v in DEFINITIONS.items()},
             "metrics": results[run], "seconds": seconds,
         })
-        _write_json(run / "eval.json", doc)
+        _write_json(run / EVAL_JSON, doc)
         out[str(run)] = doc
     return out
 
 
 def _stream_metrics(saes, cfg, eval_fraction, results, samples) -> None:
     """One pass over the held-out rows: every SAE sees each batch once."""
-    from evals.metrics import CoreAccumulator, FiringCounter
+    from evals.metrics import CoreAccumulator
 
     loader = ActivationLoader(cfg.cache, cfg.batch_size, split="eval", eval_fraction=eval_fraction, shuffle=False,
                               with_tokens=True)
-    manifest = loader.manifest
-    # Special tokens (document separators) are excluded, as SAELens does; older caches name only BOS.
-    special = torch.tensor(manifest.get("special_token_ids", [manifest.get("bos_token_id") or 0]))
+    # Special tokens (document separators) are excluded, as SAELens does.
+    special = special_ids(loader.manifest)
     n_rows = min(cfg.tokens, loader.n_tokens)
     if n_rows <= 0:
         raise EvalError(f"the cache {cfg.cache} has no held-out rows (eval_fraction {eval_fraction})")
     core = {run: CoreAccumulator() for run in saes}
-    fire = {run: FiringCounter() for run in saes}
+    fire = {run: FiringCounter(sae.d_sae) for run, sae in saes.items()}
     keep = max(cfg.tsne_tokens if "tsne" in cfg.metrics else 0,
-               20_000 if "independence" in cfg.metrics else 0)
+               cfg.independence_tokens if "independence" in cfg.metrics else 0)
     kept: dict = {run: [] for run in saes}
     seen = 0
     bar = tqdm(total=n_rows, unit="tok", unit_scale=True, desc="eval", disable=not cfg.progress)
     for x, toks in loader:
-        x = x[~torch.isin(toks[:, 0], special)][: n_rows - seen].to(cfg.device)
+        x = x[~special_mask(toks[:, 0], special)][: n_rows - seen].to(cfg.device)
         for run, sae in saes.items():
-            vals, idx, x_hat = encode_decode(sae, x)
-            core[run].update(x, x_hat, vals)  # L0 from the k values: no dense code needed
-            fire[run].update_topk(vals, idx, sae.d_sae)
+            code = sae.encode_topk(x)
+            core[run].update(x, sae.decode_topk(code), code.vals)  # L0 from the k values: no dense code needed
+            fire[run].update_code(code)
             if seen < keep:
                 n = keep - seen
-                kept[run].append(torch.zeros(len(vals[:n]), sae.d_sae).scatter_(1, idx[:n].cpu(), vals[:n].cpu()))
+                kept[run].append(TopKCode(code.vals[:n].cpu(), code.idx[:n].cpu()).to_dense(sae.d_sae))
         seen += x.shape[0]
         bar.update(x.shape[0])
         if seen >= n_rows:
@@ -198,21 +214,6 @@ def _stream_metrics(saes, cfg, eval_fraction, results, samples) -> None:
             from evals.independence import independence_stats
 
             results[run]["independence"] = independence_stats(samples[run], saes[run].W_dec, seed=cfg.seed)
-
-
-def encode_decode(sae: SAEWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(vals [B, k], latent ids [B, k], x_hat) equal to `sae.encode` / `sae.decode`.
-
-    The dense decode z @ W_dec costs as much as the encoder GEMM, and a dense [B, d_sae]
-    code per batch is mostly memory traffic; embedding_bag over the k selected rows avoids both.
-    """
-    x = x.to(sae.W_enc.dtype)
-    x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
-    pre = torch.addmm(sae.b_enc, x_in, sae.W_enc)
-    vals, idx = pre.topk(sae.k, dim=1, sorted=False)
-    vals = vals.relu()
-    x_hat = torch.nn.functional.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
-    return vals, idx, x_hat
 
 
 def _top_latents(density: torch.Tensor | None, n: int) -> list[int]:
@@ -260,17 +261,17 @@ def _tsne(saes, samples, results, runs) -> None:
                 "decoder": decoder_tsne(sae.W_dec, density > 0, density)}
         results[run]["tsne"] = {}
         for name, m in maps.items():
-            write_figure(m.figure(f"{run.name}: t-SNE of {name}"), run / "figures" / f"tsne_{name}.html")
-            _write_json(run / "figures" / f"tsne_{name}.json", m.to_json())
-            results[run]["tsne"][name] = {"n_points": len(m.coords), "figure": f"figures/tsne_{name}.html",
-                                          "coordinates": f"figures/tsne_{name}.json"}
+            write_figure(m.figure(f"{run.name}: t-SNE of {name}"), run / FIGURES_DIR / f"tsne_{name}.html")
+            _write_json(run / FIGURES_DIR / f"tsne_{name}.json", m.to_json())
+            results[run]["tsne"][name] = {"n_points": len(m.coords), "figure": f"{FIGURES_DIR}/tsne_{name}.html",
+                                          "coordinates": f"{FIGURES_DIR}/tsne_{name}.json"}
     widths = {saes[r].d_sae for r in runs}
     if len(runs) > 1 and len({saes[r].d_in for r in runs}) == 1 and len(widths) == 1:
         joint = joint_decoder_tsne({r.name: (saes[r].W_dec, results[r]["density"]["_density"] > 0) for r in runs})
         for run in runs:
             write_figure(joint.figure("decoder rows of " + ", ".join(r.name for r in runs)),
-                         run / "figures" / "tsne_joint.html")
-            results[run]["tsne"]["joint"] = {"runs": [str(r) for r in runs], "figure": "figures/tsne_joint.html",
+                         run / FIGURES_DIR / "tsne_joint.html")
+            results[run]["tsne"]["joint"] = {"runs": [str(r) for r in runs], "figure": f"{FIGURES_DIR}/tsne_joint.html",
                                              "d_sae": sorted(widths)}
 
 
@@ -282,41 +283,29 @@ def _density_figure(run: Path, dens: dict) -> None:
     fig.update_layout(title=f"{run.name}: log10 feature density over {dens['n_tokens']:,} eval tokens "
                             f"(dead: {dens['dead_fraction']:.1%})", xaxis_title="log10 density",
                       yaxis_title="latents")
-    write_figure(fig, run / "figures" / "density.html")
+    write_figure(fig, run / FIGURES_DIR / DENSITY_FIGURE)
 
 
 def _training_dead(run: Path) -> dict | None:
     """The trainer's own dead counters at the end of training, from train.json + trainer_state."""
-    info_path, state_path = run / "train.json", run / "trainer_state.safetensors"
-    if not (info_path.is_file() and state_path.is_file()):
+    info = read_run(run).train
+    if info is None:
         return None
-    from safetensors.torch import load_file
-
-    info = json.loads(info_path.read_text())
-    state = load_file(str(state_path))
+    try:
+        state = read_trainer_state(run)
+    except CheckpointError:
+        return None
     since = state["tokens_since_fired"]
     return {"dead_after_tokens": info["dead_after"], "tokens_seen": info.get("tokens_seen"),
             "dead_fraction": float((since >= info["dead_after"]).float().mean()),
             "never_fired_fraction": float((state["fire_count"] == 0).float().mean())}
 
 
-def _eval_fraction(run: Path) -> float:
-    try:
-        return float(json.loads((run / "train.json").read_text())["train"]["eval_fraction"])
-    except (OSError, KeyError, ValueError):
-        return 0.05  # SAEs trained elsewhere (SAELens): the trainer's default split
-
-
 def _merge_existing(run: Path, doc: dict) -> dict:
     """Keep metrics of an earlier `vsae eval` that this one did not recompute, if on the same cache."""
-    path = run / "eval.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("cache_hash") == doc["cache_hash"]:
-            doc["metrics"] = {**old.get("metrics", {}), **doc["metrics"]}
+    old = read_run(run).eval or {}
+    if old.get("cache_hash") == doc["cache_hash"]:
+        doc["metrics"] = {**old.get("metrics", {}), **doc["metrics"]}
     return doc
 
 

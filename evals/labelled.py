@@ -119,10 +119,6 @@ class LabelledSet:
             if attr not in self.labels:
                 raise ValueError(f"role {role!r} names attribute {attr!r}, which has no labels")
 
-    def split_labels(self, attribute: str, split: str) -> np.ndarray:
-        """Labels of `attribute` for the texts of `split`, in split order."""
-        return self.labels[attribute][self.splits[split]]
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Offline sets

@@ -7,6 +7,7 @@ token id) before calling, as SAELens does with its mask. x is the hooked model a
 activation units, x_hat = sae.decode(sae.encode(x)) [B, d_in], z = sae.encode(x) [B, d_sae].
 
 Per-token values are computed in (at least) float32 like SAELens; every cross-batch sum is float64.
+Firing counts and densities are `vsae.firing` (shared with the trainer and the dashboards).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from torch import Tensor
 
 # SAELens's ExplainedVarianceCalculator: below this total variance EV is 1 if the MSE is ~0 too, else 0.
 _EV_EPS = 1e-10
-# A latent firing on more than this fraction of tokens is "dense" (SAEBench's freq_over_10_percent).
-DENSE_THRESHOLD = 0.1
 
 
 def _work(t: Tensor) -> Tensor:
@@ -156,69 +155,6 @@ class CoreAccumulator:
             "relative_reconstruction_bias": sum(self._rrb_batches) / len(self._rrb_batches),
             "relative_reconstruction_bias_global": self._sum_xhat_sq / self._sum_dot,
             "n_tokens": n,
-        }
-
-
-class FiringCounter:
-    """Per-latent firing counts over the eval tokens (SAELens `feature_density`: fires means z_i != 0).
-
-    `update(z)` takes [B, d_sae] rows of counted (unmasked) tokens. A latent is dead when it never fired in
-    the n_tokens seen (SAEBench `frac_alive = mean(density > 0)`), dense when density > 0.1.
-    """
-
-    def __init__(self, d_sae: int | None = None) -> None:
-        """`d_sae` may be left out: the first `update` sets it."""
-        self.d_sae = d_sae
-        self.counts = torch.zeros(d_sae or 0, dtype=torch.int64)
-        self.n_tokens = 0
-
-    @torch.no_grad()
-    def update(self, z: Tensor) -> None:
-        if self.d_sae is None:
-            self.d_sae = z.shape[-1]
-            self.counts = torch.zeros(self.d_sae, dtype=torch.int64)
-        if z.shape[-1] != self.d_sae:
-            raise ValueError(f"z has {z.shape[-1]} latents, expected {self.d_sae}")
-        z = z.reshape(-1, self.d_sae)
-        self.counts += (z != 0).sum(dim=0).cpu()
-        self.n_tokens += z.shape[0]
-
-    def update_topk(self, vals: Tensor, idx: Tensor, d_sae: int) -> None:
-        """`update` for a TopK code given as values and latent ids [B, k]: no dense [B, d_sae] tensor."""
-        if self.d_sae is None:
-            self.d_sae = d_sae
-            self.counts = torch.zeros(self.d_sae, dtype=torch.int64)
-        fired = idx[vals != 0].cpu()
-        self.counts.index_add_(0, fired, torch.ones_like(fired))
-        self.n_tokens += vals.shape[0]
-
-    def result(self, bins_per_decade: int = 4, min_log10: float | None = None) -> dict:
-        """counts (int64 [d_sae]), density (float64 [d_sae]), dead_fraction, dense_fraction, n_tokens, and
-        `log10_density_histogram`: {"edges": [...], "counts": [...], "n_dead": int} over alive latents only.
-
-        Bin edges step 1/bins_per_decade from `min_log10` (default: floor(log10(1 / n_tokens)), the lowest
-        density an alive latent can have) up to 0; fixed edges make runs on the same eval set comparable.
-        """
-        n = self.n_tokens
-        density = self.counts.to(torch.float64) / max(n, 1)
-        alive = self.counts > 0
-        if min_log10 is None:
-            min_log10 = math.floor(math.log10(1 / n)) if n > 0 else -1.0
-        n_bins = max(1, round(-min_log10 * bins_per_decade))
-        edges = torch.linspace(min_log10, 0.0, n_bins + 1, dtype=torch.float64)
-        log_density = density[alive].log10().clamp(min=min_log10, max=0.0)  # clamp: below range into the first bin
-        hist = torch.histogram(log_density, bins=edges).hist.to(torch.int64)
-        return {
-            "counts": self.counts.clone(),
-            "density": density,
-            "dead_fraction": (~alive).to(torch.float64).mean().item(),
-            "dense_fraction": (density > DENSE_THRESHOLD).to(torch.float64).mean().item(),
-            "n_tokens": n,
-            "log10_density_histogram": {
-                "edges": edges.tolist(),
-                "counts": hist.tolist(),
-                "n_dead": int((~alive).sum()),
-            },
         }
 
 

@@ -58,10 +58,12 @@ N_VALUES = (2, 5, 10, 20, 50, 100, 500)  # SAEBench's defaults
 SEED = 42  # SAEBench's random_seed
 # SCR scores are set to 0 when A_oracle - A_base is below this (SAEBench: no epsilon, no clamp otherwise).
 MIN_SCR_DENOMINATOR = 0.001
+DIRECTIONS = ("dir1", "dir2")  # SCR: ablate the spurious probe's latents (dir1), the target probe's (dir2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# SAE pieces: ablation, pooled latents, attribution, selection
+# SAE pieces: ablation, pooled latents, attribution, selection; `rank_latents` and `ablated_accuracies`
+# run those stages for SCR and TPP alike
 
 
 def sae_ablation(sae: SAEWeights, latents: Sequence[int] | Tensor) -> Ablation:
@@ -145,6 +147,40 @@ def select_top_latents(effects: Tensor, n: int) -> Tensor:
     return effects.topk(k).indices if k else torch.zeros(0, dtype=torch.long)
 
 
+def rank_latents(
+    tokens: TokenActivations, sae: SAEWeights, contrasts: Tensor, probe_weights: Sequence[Tensor], n: int, scr: bool
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Attribution effects of every latent and the top-`n` latents, largest first, for each probe j.
+
+    Column j of `contrasts` (see `contrast`) picks probe j's positives and negatives among `tokens`' texts, so
+    all probes are ranked in one pass over the tokens. SCR takes |effect|, TPP clamps the difference first
+    (`attribution_effects`).
+    """
+    diffs = latent_mean_differences(tokens, sae, contrasts)
+    effects = [attribution_effects(diffs[j], w, sae.W_dec, scr) for j, w in enumerate(probe_weights)]
+    return effects, [select_top_latents(e, n) for e in effects]
+
+
+ProbeTest = tuple[LogisticRegression, np.ndarray | slice, np.ndarray]  # (probe, rows of the pooled set, labels)
+
+
+def ablated_accuracies(
+    pooled: Tensor, latents: Tensor, W_dec: Tensor, ranking: Tensor, ns: Sequence[int], tests: Sequence[ProbeTest]
+) -> tuple[dict[int, list[float]], dict[int, int]]:
+    """For each N: ablate the first N latents of `ranking` (error term added back, `ablated_pooled`) and read
+    the accuracy of every (probe, rows, labels) in `tests`; also the number of latents ablated (N, or fewer when
+    the ranking is shorter). Ablating nothing gives the clean accuracies exactly."""
+    accuracies: dict[int, list[float]] = {}
+    n_selected: dict[int, int] = {}
+    with torch.no_grad():
+        for n in ns:
+            chosen = ranking[:n]
+            X = ablated_pooled(pooled, latents, W_dec, chosen)
+            accuracies[n] = [probe_accuracy(probe, X[rows], y) for probe, rows, y in tests]
+            n_selected[n] = len(chosen)
+    return accuracies, n_selected
+
+
 def _check_n_values(n_values: Sequence[int], d_sae: int) -> list[int]:
     ns = [int(n) for n in n_values]
     bad = [n for n in ns if not 0 <= n <= d_sae]
@@ -168,6 +204,30 @@ def _weight(probe: LogisticRegression) -> Tensor:
 def _mean(values: Sequence[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return float(np.mean(kept)) if kept else None
+
+
+def _positions(n: int, rows: np.ndarray) -> np.ndarray:
+    """Map from text index to its place in `rows` (-1 for texts outside `rows`)."""
+    position = np.full(n, -1)
+    position[rows] = np.arange(len(rows))
+    return position
+
+
+def _binary_labels(n_pos: int, n_neg: int) -> np.ndarray:
+    return np.concatenate([np.ones(n_pos, dtype=np.int64), np.zeros(n_neg, dtype=np.int64)])
+
+
+def _ranking_record(keys: Sequence[str], effects: Sequence[Tensor], ranking: Sequence[Tensor]) -> dict[str, Any]:
+    # Top-N is a prefix of the ranking: ranked_latents[key][:n_selected[..][key]] were ablated at N.
+    return {
+        "ranked_latents": {k: r.tolist() for k, r in zip(keys, ranking, strict=True)},
+        "ranked_effects": {k: e[r].tolist() for k, e, r in zip(keys, effects, ranking, strict=True)},
+    }
+
+
+def _provenance(data: LabelledSet, seed: int) -> dict[str, Any]:
+    return {"n_texts": {name: len(rows) for name, rows in data.splits.items()}, "dataset": data.description,
+            "seed": seed}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,44 +310,25 @@ def scr_from_activations(
     probes = fit_scr_probes(pooled, data, seed) if probes is None else probes
     acc = probes.accuracy
 
-    # Attribution for both directions in one pass over the balanced training texts.
+    # dir1 ranks by the spurious probe, dir2 by the target probe, both on the balanced training texts.
     train = data.splits["train_balanced"]
-    train_tokens = tokens.select(train)
-    contrasts = torch.stack(
-        [contrast(len(train), np.flatnonzero(data.labels[a][train] == 1), np.flatnonzero(data.labels[a][train] == 0))
-         for a in (spurious, target)], dim=1,
-    )
-    diff_spurious, diff_target = latent_mean_differences(train_tokens, sae, contrasts)
-    effects = {
-        "dir1": attribution_effects(diff_spurious, _weight(probes.spurious), sae.W_dec, scr=True),
-        "dir2": attribution_effects(diff_target, _weight(probes.target), sae.W_dec, scr=True),
-    }
-    max_n = max(ns, default=0)
-    ranking = {d: select_top_latents(e, max_n) for d, e in effects.items()}
+    y_train = [data.labels[a][train] for a in (spurious, target)]
+    contrasts = torch.stack([contrast(len(train), np.flatnonzero(y == 1), np.flatnonzero(y == 0)) for y in y_train],
+                            dim=1)
+    effects, ranking = rank_latents(tokens.select(train), sae, contrasts,
+                                    [_weight(probes.spurious), _weight(probes.target)], max(ns, default=0), scr=True)
 
+    # The biased probe is read on the target labels after dir1's ablation, on the spurious labels after dir2's.
     test = data.splits["test"]
     test_pooled, test_latents = pooled[test], pooled_latents(tokens.select(test), sae)
-    labels = {"dir1": data.labels[target][test], "dir2": data.labels[spurious][test]}
-    base = {"dir1": acc["base_target"], "dir2": acc["base_spurious"]}
-    oracle = {"dir1": acc["oracle_target"], "dir2": acc["oracle_spurious"]}
-    metrics: dict[str, float | None] = {}
-    ablated: dict[str, dict[int, float]] = {"dir1": {}, "dir2": {}}
-    n_selected: dict[str, dict[int, int]] = {"dir1": {}, "dir2": {}}
-    with torch.no_grad():
-        for n in ns:
-            for direction in ("dir1", "dir2"):
-                chosen = ranking[direction][:n]
-                X_abl = ablated_pooled(test_pooled, test_latents, sae.W_dec, chosen)
-                a_abl = probe_accuracy(probes.biased, X_abl, labels[direction])
-                ablated[direction][n] = a_abl
-                n_selected[direction][n] = len(chosen)
-                metrics[f"scr_{direction}_threshold_{n}"] = scr_score(a_abl, base[direction], oracle[direction])
-            if acc["base_target"] < acc["base_spurious"]:
-                metrics[f"scr_metric_threshold_{n}"] = metrics[f"scr_dir1_threshold_{n}"]
-            elif acc["base_target"] > acc["base_spurious"]:
-                metrics[f"scr_metric_threshold_{n}"] = metrics[f"scr_dir2_threshold_{n}"]
-            else:
-                metrics[f"scr_metric_threshold_{n}"] = None
+    labels = (data.labels[target][test], data.labels[spurious][test])
+    ablated: dict[str, dict[int, float]] = {}
+    n_selected: dict[str, dict[int, int]] = {}
+    for d, r, y in zip(DIRECTIONS, ranking, labels, strict=True):
+        accs, n_selected[d] = ablated_accuracies(test_pooled, test_latents, sae.W_dec, r, ns,
+                                                 [(probes.biased, slice(None), y)])
+        ablated[d] = {n: a for n, (a,) in accs.items()}
+    metrics = _scr_metrics(ablated, acc, ns)
     return {
         "metrics": metrics,
         "scr_metric_mean": _mean([metrics[f"scr_metric_threshold_{n}"] for n in ns]),
@@ -296,15 +337,29 @@ def scr_from_activations(
         "spurious": spurious,
         "accuracy": dict(acc),
         "ablated_accuracy": ablated,
-        # Top-N is a prefix of the ranking: latents ranking[d][:n_selected[d][N]] were ablated at N.
-        "ranked_latents": {d: r.tolist() for d, r in ranking.items()},
-        "ranked_effects": {d: effects[d][r].tolist() for d, r in ranking.items()},
+        **_ranking_record(DIRECTIONS, effects, ranking),
         "n_selected": n_selected,
         "probe_C": {"biased": probes.biased.C_, "target": probes.target.C_, "spurious": probes.spurious.C_},
-        "n_texts": {name: len(rows) for name, rows in data.splits.items()},
-        "dataset": data.description,
-        "seed": seed,
+        **_provenance(data, seed),
     }
+
+
+def _scr_metrics(ablated: dict[str, dict[int, float]], acc: dict[str, float], ns: Sequence[int]
+                 ) -> dict[str, float | None]:
+    """S1 and S2 (`scr_score`) per N, and `scr_metric_threshold_N`: S1 or S2 as `scr_from_activations` says."""
+    base = {"dir1": acc["base_target"], "dir2": acc["base_spurious"]}
+    oracle = {"dir1": acc["oracle_target"], "dir2": acc["oracle_spurious"]}
+    metrics: dict[str, float | None] = {}
+    for n in ns:
+        for d in DIRECTIONS:
+            metrics[f"scr_{d}_threshold_{n}"] = scr_score(ablated[d][n], base[d], oracle[d])
+        if acc["base_target"] < acc["base_spurious"]:
+            metrics[f"scr_metric_threshold_{n}"] = metrics[f"scr_dir1_threshold_{n}"]
+        elif acc["base_target"] > acc["base_spurious"]:
+            metrics[f"scr_metric_threshold_{n}"] = metrics[f"scr_dir2_threshold_{n}"]
+        else:
+            metrics[f"scr_metric_threshold_{n}"] = None
+    return metrics
 
 
 def scr_scores(
@@ -373,7 +428,7 @@ def fit_tpp_probes(pooled: Tensor, data: LabelledSet, seed: int = SEED) -> TppPr
         X, y = {}, {}
         for s, (pos, neg) in split_rows.items():
             X[s] = pooled[np.concatenate([pos, neg])]
-            y[s] = np.concatenate([np.ones(len(pos), dtype=np.int64), np.zeros(len(neg), dtype=np.int64)])
+            y[s] = _binary_labels(len(pos), len(neg))
         probe = train_probe(X["train"], y["train"], X["validation"], y["validation"], seed=seed)
         probes.append(probe)
         rows.append(split_rows)
@@ -402,53 +457,26 @@ def tpp_from_activations(
     _check_inputs(tokens, data, ("train", "validation", "test"), ("classes",))
     pooled = tokens.pooled() if pooled is None else pooled
     probes = fit_tpp_probes(pooled, data, seed) if probes is None else probes
-    n_classes = len(probes.probes)
+    names = probes.class_names
 
     # Attribution of every class in one pass over the training texts.
     train = data.splits["train"]
-    position = np.full(len(data.texts), -1)
-    position[train] = np.arange(len(train))
-    contrasts = torch.stack(
-        [contrast(len(train), position[probes.rows[c]["train"][0]], position[probes.rows[c]["train"][1]])
-         for c in range(n_classes)], dim=1,
-    )
-    diffs = latent_mean_differences(tokens.select(train), sae, contrasts)
-    max_n = max(ns, default=0)
-    effects = [attribution_effects(diffs[c], _weight(probes.probes[c]), sae.W_dec, scr=False)
-               for c in range(n_classes)]
-    ranking = [select_top_latents(e, max_n) for e in effects]
+    position = _positions(len(data.texts), train)
+    contrasts = torch.stack([contrast(len(train), position[rows["train"][0]], position[rows["train"][1]])
+                             for rows in probes.rows], dim=1)
+    effects, ranking = rank_latents(tokens.select(train), sae, contrasts, [_weight(p) for p in probes.probes],
+                                    max(ns, default=0), scr=False)
 
     test = data.splits["test"]
     test_pooled, test_latents = pooled[test], pooled_latents(tokens.select(test), sae)
-    position = np.full(len(data.texts), -1)
-    position[test] = np.arange(len(test))
-    test_sets = []
-    for c in range(n_classes):
-        pos, neg = probes.rows[c]["test"]
-        y = np.concatenate([np.ones(len(pos), dtype=np.int64), np.zeros(len(neg), dtype=np.int64)])
-        test_sets.append((position[np.concatenate([pos, neg])], y))
-
-    metrics: dict[str, float] = {}
-    per_class: dict[int, dict[str, dict[str, float]]] = {}
-    ablated_accuracy: dict[int, dict[str, list[float]]] = {}
-    n_selected: dict[int, dict[str, int]] = {}
-    names = probes.class_names
-    with torch.no_grad():
-        for n in ns:
-            per_class[n], ablated_accuracy[n], n_selected[n] = {}, {}, {}
-            for i in range(n_classes):
-                chosen = ranking[i][:n]
-                X_abl = ablated_pooled(test_pooled, test_latents, sae.W_dec, chosen)
-                accs = [probe_accuracy(probes.probes[j], X_abl[rows], y) for j, (rows, y) in enumerate(test_sets)]
-                delta = [probes.accuracy[j] - accs[j] for j in range(n_classes)]
-                intended = delta[i]
-                unintended = float(np.mean([delta[j] for j in range(n_classes) if j != i]))
-                per_class[n][names[i]] = {"total_metric": intended - unintended, "intended_diff_only": intended,
-                                          "unintended_diff_only": unintended}
-                ablated_accuracy[n][names[i]] = accs
-                n_selected[n][names[i]] = len(chosen)
-            for key in ("total_metric", "intended_diff_only", "unintended_diff_only"):
-                metrics[f"tpp_threshold_{n}_{key}"] = float(np.mean([v[key] for v in per_class[n].values()]))
+    position = _positions(len(data.texts), test)
+    tests = []
+    for probe, rows in zip(probes.probes, probes.rows, strict=True):
+        pos, neg = rows["test"]
+        tests.append((probe, position[np.concatenate([pos, neg])], _binary_labels(len(pos), len(neg))))
+    # Per ablated class: every probe's accuracy per N, and the number of latents ablated per N.
+    sweeps = [ablated_accuracies(test_pooled, test_latents, sae.W_dec, r, ns, tests) for r in ranking]
+    metrics, per_class = _tpp_metrics([accs for accs, _ in sweeps], probes.accuracy, names, ns)
     return {
         "metrics": metrics,
         "tpp_total_metric_mean": _mean([metrics[f"tpp_threshold_{n}_total_metric"] for n in ns]),
@@ -456,16 +484,32 @@ def tpp_from_activations(
         "classes": list(names),
         "clean_accuracy": dict(zip(names, probes.accuracy, strict=True)),
         # ablated_accuracy[N][ablated class] lists every probe's accuracy, in `classes` order.
-        "ablated_accuracy": ablated_accuracy,
+        "ablated_accuracy": {n: {name: accs[n] for name, (accs, _) in zip(names, sweeps, strict=True)} for n in ns},
         "per_class": per_class,
-        "ranked_latents": {names[c]: ranking[c].tolist() for c in range(n_classes)},
-        "ranked_effects": {names[c]: effects[c][ranking[c]].tolist() for c in range(n_classes)},
-        "n_selected": n_selected,
-        "probe_C": {names[c]: probes.probes[c].C_ for c in range(n_classes)},
-        "n_texts": {name: len(rows) for name, rows in data.splits.items()},
-        "dataset": data.description,
-        "seed": seed,
+        **_ranking_record(names, effects, ranking),
+        "n_selected": {n: {name: sel[n] for name, (_, sel) in zip(names, sweeps, strict=True)} for n in ns},
+        "probe_C": {name: probe.C_ for name, probe in zip(names, probes.probes, strict=True)},
+        **_provenance(data, seed),
     }
+
+
+def _tpp_metrics(ablated: Sequence[dict[int, list[float]]], clean: Sequence[float], names: Sequence[str],
+                 ns: Sequence[int]) -> tuple[dict[str, float], dict[int, dict[str, dict[str, float]]]]:
+    """The class means (`metrics`) and per-class TPP parts from `ablated[i][N]`, every probe's accuracy after
+    ablating class i's top N latents, and the `clean` accuracies."""
+    keys = ("total_metric", "intended_diff_only", "unintended_diff_only")
+    metrics: dict[str, float] = {}
+    per_class: dict[int, dict[str, dict[str, float]]] = {}
+    for n in ns:
+        per_class[n] = {}
+        for i, name in enumerate(names):
+            delta = [a_clean - a for a_clean, a in zip(clean, ablated[i][n], strict=True)]
+            intended = delta[i]
+            unintended = float(np.mean([d for j, d in enumerate(delta) if j != i]))
+            per_class[n][name] = dict(zip(keys, (intended - unintended, intended, unintended), strict=True))
+        for key in keys:
+            metrics[f"tpp_threshold_{n}_{key}"] = float(np.mean([v[key] for v in per_class[n].values()]))
+    return metrics, per_class
 
 
 def tpp_scores(

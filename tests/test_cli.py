@@ -9,11 +9,11 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for command in ("build-tiny-model", "harvest", "train", "eval", "cache-info", "demo"):
+    for command in ("build-tiny-model", "harvest", "train", "eval", "cache-info", "study", "demo"):
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["build-tiny-model", "harvest", "train", "eval", "cache-info", "demo"])
+@pytest.mark.parametrize("command", ["build-tiny-model", "harvest", "train", "eval", "cache-info", "study", "demo"])
 def test_every_command_has_help_with_defaults(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -86,3 +86,58 @@ def test_train_cli_k_list_preset_and_sweep(tmp_path, capsys):
     assert "unknown SAE field(s) varient" in capsys.readouterr().err
     assert main(["train", *common, "--out", str(tmp_path / "bad"), "--k", "40"]) == 2
     assert "k must be in 1..d_sae (32), got 40" in capsys.readouterr().err
+    assert main(["train", *common, "--out", str(tmp_path / "bad")]) == 2  # without --k: SAEConfig's k
+    assert "k must be in 1..d_sae (32), got 64" in capsys.readouterr().err
+
+
+def test_eval_metrics_list_and_independence_sample(tmp_path, capsys):
+    import json
+
+    from tests.synthetic import planted_features, synthetic_cache
+
+    rows, _ = planted_features(4000, d_in=16, n_features=64)
+    cache = synthetic_cache(tmp_path / "cache", rows)
+    run = tmp_path / "run"
+    assert main(["train", "--cache", str(cache), "--out", str(run), "--steps", "4", "--batch-size", "128",
+                 "--d-sae", "32", "--k", "4", "--no-progress"]) == 0
+    base = ["eval", str(run), "--cache", str(cache), "--no-progress"]
+    for n in (50, 80):
+        assert main([*base, "--metrics", "core,independence", "--independence-tokens", str(n)]) == 0
+        doc = json.loads((run / "eval.json").read_text())
+        assert doc["metrics"]["independence"]["n_tokens"] == n
+        assert doc["settings"]["metrics"] == ["core", "independence"] and doc["settings"]["independence_tokens"] == n
+    capsys.readouterr()
+    assert main([*base, "--metrics", "core,bogus"]) == 2
+    assert "vsae eval: error: unknown metric(s) bogus" in capsys.readouterr().err
+
+
+def test_study_builds_its_config_from_the_flags(tmp_path, monkeypatch, capsys):
+    import pipeline.study
+    from pipeline.study import StudyConfig
+
+    seen = []
+
+    def fake_run_study(cfg):
+        seen.append(cfg)
+        return {"runs": [{}, {}], "size_matched": [{}], "skipped": []}
+
+    monkeypatch.setattr(pipeline.study, "run_study", fake_run_study)
+    out = str(tmp_path / "s")
+    assert main(["study", "--cache", "c", "--plan", "paper", "--out", out, "--steps", "3", "--metrics", "all",
+                 "--no-progress"]) == 0
+    from evals.driver import METRICS
+
+    assert seen == [StudyConfig(cache="c", plan="paper", out=out, steps=3, metrics=list(METRICS), progress=False)]
+    assert f"study of 3 runs (0 combinations skipped) written to {out}" in capsys.readouterr().out
+    assert main(["study", "--cache", "c", "--plan", "paper", "--out", out]) == 0
+    assert seen[-1].metrics is None and seen[-1].steps is None and seen[-1].device == "cpu"
+
+
+def test_demo_runs_the_pipeline_with_its_config(monkeypatch):
+    import pipeline.demo
+    from pipeline.demo import DemoConfig
+
+    seen = []
+    monkeypatch.setattr(pipeline.demo, "run_demo", seen.append)
+    assert main(["demo", "--out", "d", "--d-sae", "64", "--k", "4", "--train-steps", "7"]) == 0
+    assert seen == [DemoConfig(out="d", d_sae=64, k=4, train_steps=7)]

@@ -9,17 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from activations.cache import open_shards, write_array_cache
+from activations.cache import MANIFEST, open_shards, read_manifest, write_array_cache, write_json_atomic
+from activations.loader import ActivationLoader
 from dashboards.build import DashboardConfig, DashboardError, build_dashboard, gather, parse_features
 from dashboards.compare import CompareConfig, compare_runs
-from dashboards.gather import (
-    GatherConfig,
-    Gatherer,
-    log10_density_histogram,
-    quantile_bands,
-    select_firings,
-    sparse_codes,
-)
+from dashboards.gather import GatherConfig, Gatherer, quantile_bands, select_firings
 from dashboards.html import display_token, esc, script_json
 from dashboards.weights import best_matches, decoder_neighbours, logit_effects
 from tests.test_harvest import HOOK
@@ -65,16 +59,6 @@ def dense_codes(sae: SAEWeights, cache: Path, batch_rows: int) -> np.ndarray:
 
 
 # ---- gathering ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("k", [3, 16])  # TopK, and k = d_sae (a ReLU SAE)
-def test_sparse_codes_are_encode(k):
-    sae = random_sae(8, 16, k)
-    sae.b_enc += 0.3
-    x = torch.randn(50, 8)
-    vals, idx = sparse_codes(sae, x)
-    dense = torch.zeros(50, 16).scatter_(1, idx, vals)
-    torch.testing.assert_close(dense, sae.encode(x))
 
 
 def test_gather_matches_brute_force(tmp_path):
@@ -180,12 +164,6 @@ def test_quantile_bands_split_the_sample_by_value():
     assert [sorted(values[b].tolist()) for b in bands] == [[0.5, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0], [8.0, 9.0]]
     assert all(list(b) == sorted(b) for b in bands)  # each band in the sample's (random) order
     assert [len(b) for b in quantile_bands(values[:3], 5)] == [1, 1, 1, 0, 0]
-
-
-def test_log10_density_histogram():
-    h = log10_density_histogram(np.array([0.0, 1e-3, 0.5, 1.0, 2e-4]), 10_000)
-    assert h["edges"][0] == -4.0 and h["edges"][-1] == 0.0 and len(h["counts"]) == 16
-    assert sum(h["counts"]) == 4 and h["n_dead"] == 1 and h["counts"][-1] == 1
 
 
 # ---- weights ----------------------------------------------------------------------------------------------------
@@ -361,6 +339,48 @@ def test_dashboard_top_density_subset_and_wrong_cache(dashboard, tmp_path):
     other = save_run(tmp_path / "other", random_sae(32, 8, 2), "blocks.0.hook_resid_post")
     with pytest.raises(DashboardError, match="reads hook blocks.0"):
         build_dashboard(other, DashboardConfig(cache=str(cache), out=str(tmp_path / "x"), progress=False))
+
+
+def special_token_cache(tmp: Path) -> Path:
+    """A synthetic cache whose first row of every sequence has the special token 7; latent 0 of an identity SAE
+    fires on those rows and nowhere else."""
+    ctx, n_seq, d_in = 9, 100, 4
+    n = n_seq * (ctx - 1)
+    acts = np.random.default_rng(0).random((n, d_in), dtype=np.float32) + 0.1
+    acts[:, 0] = -1.0
+    acts[:: ctx - 1, 0] = 5.0
+    write_array_cache(tmp, acts, ctx, {"kind": "synthetic", "name": "special"})
+    manifest = read_manifest(tmp)
+    for entry in manifest["shards"]:
+        toks = np.load(tmp / entry["tokens_file"], mmap_mode="r+")
+        toks[:, 0] = np.where(toks[:, 2] == 1, 7, 3)  # position 1 is each sequence's first row
+        toks.flush()
+        del toks
+    manifest["special_token_ids"] = [7]
+    write_json_atomic(tmp / MANIFEST, manifest)
+    return tmp
+
+
+def test_compare_and_eval_agree_on_special_rows(tmp_path):
+    """A latent that fires only on special-token rows is dead for `vsae eval` and for the compare page alike."""
+    from dashboards.compare import measure_densities
+    from evals.driver import EvalConfig, evaluate
+
+    cache = special_token_cache(tmp_path / "cache")
+    sae = SAEWeights(W_enc=torch.eye(4), b_enc=torch.zeros(4), W_dec=torch.eye(4), b_dec=torch.zeros(4), k=3,
+                     apply_b_dec_to_input=False)
+    run = save_run(tmp_path / "run", sae, "synthetic", model="special")
+    doc = evaluate([run], EvalConfig(cache=str(cache), metrics=["density"], progress=False))[str(run)]
+    density = doc["metrics"]["density"]
+    [measured], n = measure_densities([sae], str(cache), 0.05, CompareConfig(cache=str(cache), progress=False))
+    assert n == density["n_tokens"] == 5 * 7  # 5 held-out sequences of 8 rows, less their special row
+    assert density["per_latent"][0] == 0.0 and measured[0] == 0.0
+    np.testing.assert_array_equal(measured, np.array(density["per_latent"]))
+    assert density["dead_fraction"] == 0.25
+    # the special rows are there to be dropped: counted, latent 0 would fire on one row in eight
+    loader = ActivationLoader(cache, 1000, split="eval", eval_fraction=0.05, shuffle=False)
+    x = next(iter(loader))
+    assert (sae.encode_topk(x).to_dense(4)[:, 0] > 0).float().mean() == 1 / 8
 
 
 def test_compare_page(dashboard, tmp_path):

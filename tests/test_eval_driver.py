@@ -75,20 +75,3 @@ def test_scr_and_tpp_through_the_driver(trained):
         assert "scr_metric_threshold_50" in m["scr"]["metrics"] and m["scr"]["n_values"] == [2, 5, 10, 20, 50]
         assert "tpp_threshold_50_total_metric" in m["tpp"]["metrics"]
         assert m["scr"]["dataset"] and m["tpp"]["dataset"]
-
-
-def test_encode_decode_matches_the_checkpoint_math():
-    import torch
-
-    from evals.driver import encode_decode
-    from vsae.checkpoint import SAEWeights
-
-    g = torch.Generator().manual_seed(0)
-    w = SAEWeights(W_enc=torch.randn(8, 32, generator=g), b_enc=torch.randn(32, generator=g),
-                   W_dec=torch.randn(32, 8, generator=g), b_dec=torch.randn(8, generator=g), k=5,
-                   apply_b_dec_to_input=True)
-    x = torch.randn(20, 8, generator=g)
-    vals, idx, x_hat = encode_decode(w, x)
-    z = torch.zeros(20, 32).scatter_(1, idx, vals)
-    torch.testing.assert_close(z, w.encode(x))
-    torch.testing.assert_close(x_hat, w.decode(w.encode(x)), rtol=1e-5, atol=1e-5)

@@ -83,6 +83,21 @@ def test_interrupted_harvest_resumes_to_identical_cache(tmp_path, tiny_checkpoin
     assert read_manifest(tmp_path / "full")["shards"] == read_manifest(tmp_path / "part")["shards"]
 
 
+def test_shard_contexts_skip_built_shards_and_name_a_short_corpus():
+    import activations.harvest as h
+
+    cfg = HarvestConfig(out="unused", corpus=["some-corpus"], tokens=310, context=32, shard_tokens=100)
+    layout = h._layout(cfg)
+    assert (layout.rows_per_seq, layout.n_seqs, layout.shard_seqs, layout.n_shards) == (31, 10, 3, 4)
+    seqs = [np.full(32, i) for i in range(10)]
+    got = [(index, first, [int(s[0]) for s in shard]) for index, first, shard in
+           h._shard_contexts(iter(seqs), cfg, layout, [1, 3])]
+    # Shards 0 and 2 are built already: their contexts are read and dropped, so shard 3 gets sequence 9.
+    assert got == [(1, 3, [3, 4, 5]), (3, 9, [9])]
+    with pytest.raises(CacheError, match="some-corpus gives only 8 contexts"):
+        list(h._shard_contexts(iter(seqs[:8]), cfg, layout, [2, 3]))
+
+
 def test_truncated_shard_is_named_and_rebuilt(tmp_path, tiny_checkpoint, text_corpus, capsys):
     out = tmp_path / "c"
     run(out, tiny_checkpoint, text_corpus)

@@ -7,7 +7,6 @@ import torch
 
 from evals.metrics import (
     CoreAccumulator,
-    FiringCounter,
     ce_kl_scores,
     cosine_similarity,
     explained_variance,
@@ -111,60 +110,8 @@ def test_empty_accumulator_is_nan():
     assert r["n_tokens"] == 0 and math.isnan(r["explained_variance"])
 
 
-def test_firing_counter_planted_dead_and_dense_latents():
-    g = torch.Generator().manual_seed(2)
-    d_sae, dead = 100, [3, 17, 40, 41, 99]
-    fc = FiringCounter(d_sae)
-    n = 0
-    for size in (300, 700):
-        z = (torch.rand(size, d_sae, generator=g) < 0.05) * torch.rand(size, d_sae, generator=g)
-        z[:, dead] = 0
-        z[:, 0] = 1.0  # fires on every token: density 1, dense
-        z[:, 1] = 0.0
-        z[: size // 2, 1] = 2.0  # density 0.5: dense
-        fc.update(z)
-        n += size
-    r = fc.result()
-    assert r["n_tokens"] == n == 1000
-    assert r["dead_fraction"] == len(dead) / d_sae
-    assert r["dense_fraction"] == 2 / d_sae
-    assert set((r["counts"] == 0).nonzero()[:, 0].tolist()) == set(dead)
-    assert r["density"][0].item() == 1.0 and r["density"][1].item() == 0.5
-    hist = r["log10_density_histogram"]
-    assert hist["n_dead"] == len(dead)
-    assert sum(hist["counts"]) == d_sae - len(dead)  # dead latents are not in the bins (no -inf)
-    assert hist["edges"][0] == -3.0 and hist["edges"][-1] == 0.0  # floor(log10(1/1000)) .. 0
-    assert len(hist["counts"]) == len(hist["edges"]) - 1 == 12  # 4 bins per decade
-    assert hist["counts"][-1] >= 1  # density 1 lands in the last bin
-
-
-def test_firing_counter_width():
-    with pytest.raises(ValueError, match="latents"):
-        FiringCounter(4).update(torch.zeros(2, 5))
-    fc = FiringCounter()  # width from the first batch
-    fc.update(torch.eye(3))
-    assert fc.result()["counts"].tolist() == [1, 1, 1] and fc.result()["dead_fraction"] == 0.0
-    with pytest.raises(ValueError, match="latents"):
-        fc.update(torch.zeros(2, 5))
-
-
 def test_ce_kl_scores():
     s = ce_kl_scores(ce_clean=2.0, ce_sae=2.5, ce_zero=7.0, kl_sae=0.5, kl_zero=5.0)
     assert s["ce_score"] == pytest.approx(0.9)
     assert s["kl_score"] == pytest.approx(0.9)
     assert math.isnan(ce_kl_scores(1.0, 1.0, 1.0, 0.0, 0.0)["ce_score"])
-
-
-def test_firing_counter_topk_form_equals_dense():
-    import torch
-
-    from evals.metrics import FiringCounter
-
-    pre = torch.randn(50, 40)
-    vals, idx = pre.topk(6, dim=1)
-    vals = vals.relu()
-    dense = torch.zeros(50, 40).scatter_(1, idx, vals)
-    a, b = FiringCounter(), FiringCounter()
-    a.update(dense)
-    b.update_topk(vals, idx, 40)
-    assert torch.equal(a.counts, b.counts) and a.n_tokens == b.n_tokens

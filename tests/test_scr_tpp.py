@@ -20,8 +20,12 @@ from evals.probes import (
     train_probe,
 )
 from evals.scr_tpp import (
+    ablated_accuracies,
     ablated_pooled,
+    attribution_effects,
+    contrast,
     pooled_latents,
+    rank_latents,
     sae_ablation,
     scr_from_activations,
     scr_scores,
@@ -175,6 +179,41 @@ def test_select_top_latents_keeps_only_nonzero_effects():
     assert select_top_latents(effects, 5).tolist() == [1, 4, 3]  # k = min(N, #nonzero)
     with pytest.raises(ValueError, match="d_sae"):
         select_top_latents(effects, 6)
+
+
+def test_rank_latents_ranks_each_probe_by_its_attribution():
+    rng = np.random.default_rng(4)
+    tokens = _tokens(rng.standard_normal((40, D)), 0.5, rng)
+    sae = _random_sae(seed=5)
+    groups = [(np.arange(0, 10), np.arange(10, 25)), (np.arange(25, 40), np.arange(0, 5))]
+    contrasts = torch.stack([contrast(40, pos, neg) for pos, neg in groups], dim=1)
+    weights = [torch.randn(D, generator=torch.Generator().manual_seed(j)) for j in range(2)]
+    latents = pooled_latents(tokens, sae)
+    for scr in (True, False):
+        effects, ranking = rank_latents(tokens, sae, contrasts, weights, 7, scr=scr)
+        for (pos, neg), w, e, r in zip(groups, weights, effects, ranking, strict=True):
+            diff = latents[pos].mean(0) - latents[neg].mean(0)
+            want = attribution_effects(diff, w, sae.W_dec, scr=scr)
+            assert torch.allclose(e, want, atol=1e-5)
+            assert r.tolist() == select_top_latents(want, 7).tolist()
+
+
+def test_ablated_accuracies_ablate_a_prefix_of_the_ranking():
+    data, tokens = _tpp_case(per_class=20, n_classes=3)
+    pooled, sae = tokens.pooled(), _ground_truth_sae()
+    latents = pooled_latents(tokens, sae)
+    y = (data.labels["c"] == 0).astype(np.int64)
+    probe = train_probe(pooled, y, pooled, y, seed=0)
+    rows = np.arange(0, len(y), 2)
+    tests = [(probe, slice(None), y), (probe, rows, y[rows])]
+    ranking = torch.tensor([0, D, 5])  # class 0's direction (both signs), then an unrelated one
+    accs, n_selected = ablated_accuracies(pooled, latents, sae.W_dec, ranking, (0, 2, 10), tests)
+    clean = probe_accuracy(probe, pooled, y)
+    assert clean > 0.95 and accs[0] == [clean, probe_accuracy(probe, pooled[rows], y[rows])]
+    assert n_selected == {0: 0, 2: 2, 10: 3}  # N beyond the ranking ablates all of it
+    X = ablated_pooled(pooled, latents, sae.W_dec, ranking[:2])
+    assert accs[2] == [probe_accuracy(probe, X, y), probe_accuracy(probe, X[rows], y[rows])]
+    assert accs[2][0] < clean - 0.2  # the probe's direction is gone
 
 
 def test_probe_weights_are_folded_back_to_raw_units():

@@ -7,10 +7,11 @@ import torch
 
 from activations.models import load_local_checkpoint, stop_layer
 from activations.tokens import pack_contexts
-from evals.metrics import CoreAccumulator, FiringCounter
+from evals.metrics import CoreAccumulator
 from evals.splice import counted_mask, special_token_ids, splice_losses
 from tests.conftest import CORPUS_TEXT
 from vsae.checkpoint import SAEWeights, write_sae
+from vsae.firing import FiringCounter
 
 HOOK = "blocks.1.hook_resid_post"
 CTX = 32

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from evals.study import StudyConfig, StudyError, expand, load_plan, run_study, switch_effects
+import pipeline.study
+from dashboards.assets import CSS
+from pipeline.study import StudyConfig, StudyError, expand, load_plan, run_study, switch_effects
 from tests.test_harvest import run as harvest_run
+from vsae.variants import VariationalTopKSAE
 
 PLAN = """
 name = "tiny"
-description = "A tiny grid: variant x sample x k, and the size-matched arm."
+description = "A tiny grid <script>alert('x')</script> & co: variant x sample x k, and the size-matched arm."
 
 [train]
 steps = {steps}
@@ -82,14 +85,34 @@ def test_switch_effects_pairs_runs_differing_in_one_switch(tmp_path):
     assert effects[("sample", "false", "true")]["pairs"] == 2  # vsae fixed-variance only: the rest differ in more
 
 
-def test_study_runs_resumes_and_refuses_another_plan(tmp_path, cache):
+def test_variant_own_fields_come_from_the_variant_class(tmp_path, monkeypatch):
+    plan = load_plan(write_plan(tmp_path / "p.toml"))
+    plan["arm"] = [{"name": "grid", "variant": ["topk", "vsae"], "kl_coef": [0.05, 1.0], "k": 4}]
+    specs, skipped = expand(plan, d_in=32)
+    assert [s.name for s in specs] == ["topk", "vsae-klcoef0.05", "vsae-klcoef1.0"]
+    assert skipped == ["grid: variant=topk, kl_coef=1.0, k=4 (duplicate: kl_coef act only on vsae; same run as topk)"]
+    # Once the vSAE no longer declares kl_coef its own, it names and separates TopK runs too.
+    monkeypatch.setattr(VariationalTopKSAE, "own_fields", ("sample", "variance", "kl_warmup"))
+    specs, skipped = expand(plan, d_in=32)
+    assert [s.name for s in specs] == ["topk-klcoef0.05", "topk-klcoef1.0", "vsae-klcoef0.05", "vsae-klcoef1.0"]
+    assert skipped == []
+
+
+def test_study_runs_resumes_and_refuses_another_plan(tmp_path, cache, monkeypatch):
     plan = write_plan(tmp_path / "p.toml")
     out = tmp_path / "s"
     compared = []
+    compare_runs = pipeline.study.compare_runs
+    monkeypatch.setattr(pipeline.study, "compare_runs",
+                        lambda runs, ccfg: (compared.append((runs, ccfg)), compare_runs(runs, ccfg))[1])
     cfg = StudyConfig(cache=str(cache), plan=str(plan), out=str(out), progress=False)
-    state = run_study(cfg, compare=lambda runs, html: (compared.append(runs), html.write_text("<html>")))
-    assert all(state["done"][k] for k in ("train", "eval", "train_size_matched", "eval_size_matched", "report"))
-    assert len(compared[0]) == len(state["runs"]) + len(state["size_matched"])
+    state = run_study(cfg)
+    assert all(state["done"][k] for k in ("train", "eval", "train_size_matched", "eval_size_matched", "compare",
+                                          "report"))
+    [(runs, ccfg)] = compared
+    assert len(runs) == len(state["runs"]) + len(state["size_matched"])
+    assert (ccfg.cache, ccfg.out, ccfg.device, ccfg.progress) == (str(cache), str(out / "compare.html"), "cpu", False)
+    assert all(r.split("/")[-1] in (out / "compare.html").read_text() for r in runs)
     for s in state["size_matched"]:  # d_sae = the vSAE's alive latents, same k
         assert s["sae"]["variant"] == "topk" and s["sae"]["k"] == [r for r in state["runs"]
                                                                  if r["name"] == s["matched_to"]][0]["sae"]["k"]
@@ -101,9 +124,12 @@ def test_study_runs_resumes_and_refuses_another_plan(tmp_path, cache):
                    "compare.html", "figures/l0.html", "Skipped combinations", "activation rows"):
         assert needle in md, needle
     assert (out / "figures" / "explained_variance.html").is_file()
-    assert "<script" not in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "<script" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; co" in page
+    assert CSS in page and '<table class="data">' in page and '<a href="compare.html">' in page
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/eval.json")}
-    run_study(cfg, compare=lambda runs, html: pytest.fail("the compare page was done already"))
+    monkeypatch.setattr(pipeline.study, "compare_runs", lambda *a: pytest.fail("the compare page was done already"))
+    run_study(cfg)
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/eval.json")} == before  # nothing recomputed
     assert (out / "report.md").read_text() == md
     write_plan(plan, steps=21)
@@ -174,7 +200,7 @@ def test_figures_skip_metrics_a_run_lacks(tmp_path):
     """A size-matched TopK smaller than 500 latents has no SCR at N=500; the report must still be written."""
     from dataclasses import asdict
 
-    from evals.study import TRAIN_SWITCHES, RunSpec, _figures
+    from pipeline.study import TRAIN_SWITCHES, RunSpec, _figures
     from vsae.config import SAEConfig, TrainConfig
 
     train = {k: v for k, v in asdict(TrainConfig(steps=10)).items() if k in TRAIN_SWITCHES}

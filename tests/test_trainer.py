@@ -167,10 +167,10 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, small_cache, monkeyp
 
     def poisoned(self, x, progress, dead, generator=None):
         calls.append(1)
-        terms, vals, idx = real(self, x, progress, dead, generator)
+        out = real(self, x, progress, dead, generator)
         if len(calls) == 13:
-            terms["mse"] = terms["mse"] * float("nan")
-        return terms, vals, idx
+            out.terms["mse"] = out.terms["mse"] * float("nan")
+        return out
 
     monkeypatch.setattr(TopKSAE, "loss_terms", poisoned)
     with pytest.raises(NonFiniteLoss, match="loss term mse is not finite at step 12.*step 10"):

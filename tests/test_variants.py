@@ -29,26 +29,28 @@ def test_sampling_is_random_in_training_and_deterministic_at_eval():
     g = torch.Generator().manual_seed(1)
     a = sae.training_latents(sae.encoder_input(x), 0.5, g)
     b = sae.training_latents(sae.encoder_input(x), 0.5, g)
-    assert not torch.equal(a[0], b[0])
+    assert not torch.equal(a.vals, b.vals)
     e1, e2 = sae.encode(x), sae.encode(x)
-    assert torch.equal(e1[0], e2[0]) and torch.equal(e1[1], e2[1])
+    assert torch.equal(e1.vals, e2.vals) and torch.equal(e1.idx, e2.idx)
 
 
 def test_vsae_without_sampling_selects_like_topk():
     torch.manual_seed(0)
     vs = build_sae(SAEConfig(variant="vsae", d_sae=64, k=8), 16)
     x = torch.randn(10, 16)
-    vals, idx, _, terms = vs.training_latents(vs.encoder_input(x), 1.0, None)
-    ev, ei = vs.encode(x)
-    torch.testing.assert_close(vals.detach().sort(1).values, ev.sort(1).values)
-    torch.testing.assert_close(terms["kl"], 0.5 * vs.pre_activations(vs.encoder_input(x)).relu().pow(2).sum(-1).mean())
+    latents = vs.training_latents(vs.encoder_input(x), 1.0, None)
+    code = vs.encode(x)
+    torch.testing.assert_close(latents.vals.detach().sort(1).values, code.vals.sort(1).values)
+    torch.testing.assert_close(latents.idx.sort(1).values, code.idx.sort(1).values)
+    torch.testing.assert_close(latents.terms["kl"],
+                               0.5 * vs.pre_activations(vs.encoder_input(x)).relu().pow(2).sum(-1).mean())
 
 
 def test_kl_warmup_is_linear():
     vs = build_sae(SAEConfig(variant="vsae", d_sae=32, k=4, kl_warmup=0.1, kl_coef=2.0), 8)
     x = torch.randn(5, 8)
-    full = vs.loss_terms(x, 1.0, None)[0]["kl"]
-    half = vs.loss_terms(x, 0.05, None)[0]["kl"]
+    full = vs.loss_terms(x, 1.0, None).terms["kl"]
+    half = vs.loss_terms(x, 0.05, None).terms["kl"]
     torch.testing.assert_close(half, 0.5 * full)
 
 
@@ -65,7 +67,7 @@ def test_sparse_and_dense_paths_agree(variant, pre_bias):
     dead = torch.zeros(128, dtype=torch.bool)
     dead[64:] = True
     for sae in (a, b):
-        terms, _, _ = sae.loss_terms(x, 0.5, dead)
+        terms = sae.loss_terms(x, 0.5, dead).terms
         assert set(terms) >= {"mse", "auxk"}
         sum(terms.values()).backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):

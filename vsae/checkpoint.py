@@ -7,9 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -20,7 +17,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from activations.cache import fsync_dir
+from activations.atomic import write_atomic, write_text_atomic
+from vsae.code import TopKCode, decode_topk, encode_topk
 
 # File and key names as SAELens 6.54 uses them (sae_lens/constants.py, training/sae_trainer.py).
 CFG_FILENAME = "cfg.json"
@@ -96,18 +94,20 @@ class SAEWeights:
     def d_sae(self) -> int:
         return self.W_enc.shape[-1]
 
+    def encode_topk(self, x: Tensor) -> TopKCode:
+        """The sparse code of x [..., d_in]: (vals, idx) [..., k] (`vsae.code.encode_topk`)."""
+        return encode_topk(x, self.W_enc, self.b_enc, self.b_dec, self.k, self.apply_b_dec_to_input)
+
+    def decode_topk(self, code: TopKCode) -> Tensor:
+        """x_hat [..., d_in] of a sparse code (`vsae.code.decode_topk`)."""
+        return decode_topk(code, self.W_dec, self.b_dec)
+
     def encode(self, x: Tensor) -> Tensor:
-        """Dense feature activations [..., d_sae] with at most k nonzeros per row."""
-        x = x.to(self.W_enc.dtype)  # SAELens casts inputs to the SAE's dtype too; keeps bf16 SAEs comparable
-        if self.apply_b_dec_to_input:
-            x = x - self.b_dec
-        acts = (x @ self.W_enc + self.b_enc).relu()
-        if self.k == self.d_sae:  # a ReLU SAE read from a `standard` checkpoint: TopK would keep everything
-            return acts
-        values, indices = acts.topk(self.k, dim=-1, sorted=False)
-        return torch.zeros_like(acts).scatter_(-1, indices, values)
+        """Dense feature activations [..., d_sae] with at most k nonzeros per row (SAELens's `encode`)."""
+        return self.encode_topk(x).to_dense(self.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:
+        """x_hat of a dense code z [..., d_sae] (SAELens's `decode`)."""
         return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
 
@@ -118,26 +118,6 @@ def _sae_lens_version() -> str:
         return version("sae-lens")
     except PackageNotFoundError:
         return "6.54.12"
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write one file via `write(temp_path)`, fsync it, then rename over `path`, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        # safetensors writes its files 0600; give ours the mode any new file gets here (the umask's).
-        tmp.touch(exist_ok=False)
-        mode = tmp.stat().st_mode
-        write(tmp)
-        os.chmod(tmp, mode)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _sae_cfg(weights: SAEWeights, metadata: dict[str, Any], dtype: str = "float32") -> dict[str, Any]:
@@ -197,12 +177,11 @@ def write_sae(
             raise ValueError("feature_sparsity must be firing frequencies in [0, 1] (not log10 values)")
         sparsity = {SPARSITY_KEY: torch.log10(freq + SPARSITY_EPS).contiguous()}
 
-    _write_atomic(directory / WEIGHTS_FILENAME, lambda p: save_file(tensors, p))
+    write_atomic(directory / WEIGHTS_FILENAME, lambda p: save_file(tensors, p))
     if sparsity is not None:
-        _write_atomic(directory / SPARSITY_FILENAME, lambda p: save_file(sparsity, p))
+        write_atomic(directory / SPARSITY_FILENAME, lambda p: save_file(sparsity, p))
     # cfg.json last: a directory with a cfg.json has all its files.
-    _write_atomic(directory / CFG_FILENAME, lambda p: p.write_text(cfg_text))
-    fsync_dir(directory)
+    write_text_atomic(directory / CFG_FILENAME, cfg_text)
 
 
 def _read_cfg(directory: Path) -> dict[str, Any]:
@@ -228,19 +207,20 @@ def _read_safetensors(path: Path, device: str) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from e
 
 
-def read_sae(directory: Path, device: str = "cpu") -> tuple[SAEWeights, dict[str, Any]]:
-    """Load one SAE written by `write_sae` or by SAELens (`topk`, or `standard` as TopK with k = d_sae).
+@dataclass(frozen=True)
+class _Shape:
+    """What cfg.json says about the tensors: sizes, k, dtype, pre-bias, and whether to fold decoder norms."""
 
-    Returns the weights in cfg.json's dtype on `device`, and cfg.json as read. A SAELens topk SAE with
-    rescale_acts_by_decoder_norm has its decoder norms folded into the encoder (as SAELens does on saving
-    an inference model), which computes the same function with plain TopK.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: checkpoint directory missing")
-    cfg = _read_cfg(directory)
-    cfg_path = directory / CFG_FILENAME
+    d_in: int
+    d_sae: int
+    k: int
+    dtype: torch.dtype
+    apply_b_dec_to_input: bool
+    rescale_acts_by_decoder_norm: bool
 
+
+def _check_cfg(cfg: dict[str, Any], cfg_path: Path) -> _Shape:
+    """The SAE that cfg.json describes, or a CheckpointError naming the first unsupported or invalid key."""
     architecture = cfg.get("architecture")
     if architecture not in ("topk", "standard"):
         raise CheckpointError(
@@ -265,8 +245,12 @@ def read_sae(directory: Path, device: str = "cpu") -> tuple[SAEWeights, dict[str
     apply_b_dec_to_input = cfg.get("apply_b_dec_to_input", True)  # SAELens's default
     if not isinstance(apply_b_dec_to_input, bool):
         raise CheckpointError(f"{cfg_path}: apply_b_dec_to_input must be true or false, got {apply_b_dec_to_input!r}")
+    rescale = architecture == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm", False))
+    return _Shape(d_in, d_sae, k, DTYPES[dtype_name], apply_b_dec_to_input, rescale)
 
-    weights_path = directory / WEIGHTS_FILENAME
+
+def _read_weight_tensors(weights_path: Path, shape: _Shape, device: str, cfg_path: Path) -> dict[str, Tensor]:
+    """The four weight tensors, checked: names, float dtype, shapes against cfg.json, finite values."""
     tensors = _read_safetensors(weights_path, device)
     missing = [key for key in WEIGHT_KEYS if key not in tensors]
     extra = sorted(set(tensors) - set(WEIGHT_KEYS))
@@ -277,27 +261,49 @@ def read_sae(directory: Path, device: str = "cpu") -> tuple[SAEWeights, dict[str
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise CheckpointError(f"{weights_path}: {name} has non-float dtype {t.dtype}")
-    if problem := _shape_problem(*(tensors[key] for key in WEIGHT_KEYS), d_in, d_sae):
+    if problem := _shape_problem(*(tensors[key] for key in WEIGHT_KEYS), shape.d_in, shape.d_sae):
         raise CheckpointError(f"{weights_path}: {problem} (from {cfg_path})")
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{weights_path}: {name} contains NaN or inf")
+    return tensors
 
-    torch_dtype = DTYPES[dtype_name]
+
+def _fold_decoder_norms(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SAELens's rescale_acts_by_decoder_norm as plain TopK weights.
+
+    TopK(pre * n) then (z / n) @ W_dec equals TopK(pre') @ W_dec' with W_enc' = W_enc * n, b_enc' = b_enc * n,
+    W_dec' = W_dec / n; folded in float32 or better so bf16 SAEs lose nothing extra.
+    """
+    work = torch.promote_types(W_dec.dtype, torch.float32)
+    norm = W_dec.to(work).norm(dim=-1).clamp(min=1e-8)
+    return W_enc.to(work) * norm, b_enc.to(work) * norm, W_dec.to(work) / norm[:, None]
+
+
+def read_sae(directory: Path, device: str = "cpu") -> tuple[SAEWeights, dict[str, Any]]:
+    """Load one SAE written by `write_sae` or by SAELens (`topk`, or `standard` as TopK with k = d_sae).
+
+    Returns the weights in cfg.json's dtype on `device`, and cfg.json as read. A SAELens topk SAE with
+    rescale_acts_by_decoder_norm has its decoder norms folded into the encoder (as SAELens does on saving
+    an inference model), which computes the same function with plain TopK.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory missing")
+    cfg = _read_cfg(directory)
+    cfg_path = directory / CFG_FILENAME
+    shape = _check_cfg(cfg, cfg_path)
+    tensors = _read_weight_tensors(directory / WEIGHTS_FILENAME, shape, device, cfg_path)
     W_enc, b_enc, W_dec, b_dec = (tensors[key] for key in WEIGHT_KEYS)
-    if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
-        # TopK(pre * n) then (z / n) @ W_dec equals TopK(pre') @ W_dec' with W_enc' = W_enc * n,
-        # b_enc' = b_enc * n, W_dec' = W_dec / n; fold in float32 or better so bf16 SAEs lose nothing extra.
-        work = torch.promote_types(W_dec.dtype, torch.float32)
-        norm = W_dec.to(work).norm(dim=-1).clamp(min=1e-8)
-        W_enc, b_enc, W_dec = W_enc.to(work) * norm, b_enc.to(work) * norm, W_dec.to(work) / norm[:, None]
+    if shape.rescale_acts_by_decoder_norm:
+        W_enc, b_enc, W_dec = _fold_decoder_norms(W_enc, b_enc, W_dec)
     weights = SAEWeights(
-        W_enc=W_enc.to(torch_dtype),
-        b_enc=b_enc.to(torch_dtype),
-        W_dec=W_dec.to(torch_dtype),
-        b_dec=b_dec.to(torch_dtype),
-        k=k,
-        apply_b_dec_to_input=apply_b_dec_to_input,
+        W_enc=W_enc.to(shape.dtype),
+        b_enc=b_enc.to(shape.dtype),
+        W_dec=W_dec.to(shape.dtype),
+        b_dec=b_dec.to(shape.dtype),
+        k=shape.k,
+        apply_b_dec_to_input=shape.apply_b_dec_to_input,
     )
     return weights, cfg
 

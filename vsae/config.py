@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 DECODERS = ("unit", "free")
 VARIANCES = ("fixed", "learned")
@@ -14,20 +14,26 @@ B_DEC_INITS = ("geometric_median", "mean", "zero")
 class SAEConfig:
     """One SAE. Every switch is independent of the variant (DESIGN.md, "SAE variants")."""
 
-    variant: str = "topk"
-    d_sae: int = 8192
-    k: int = 64
-    pre_bias: bool = True  # subtract b_dec from the input (else b_dec is only an output bias)
-    # unit: rows renormalised each step, parallel gradient removed; free: 0.1-norm init, never renormalised
-    decoder: str = "unit"
-    b_dec_init: str = "geometric_median"
-    aux_k_coef: float = 1 / 32  # 0 turns AuxK off
-    k_aux: int | None = None  # None: d_in // 2
-    dead_after: int | None = None  # tokens without firing; None: min(10M, run tokens // 5)
-    sample: bool = False  # vsae: z = mu + sigma * eps in training
-    variance: str = "fixed"  # vsae: fixed sigma = 1, or a learned log-variance head
-    kl_coef: float = 1.0  # vsae
-    kl_warmup: float = 0.1  # vsae: fraction of steps of linear KL warm-up
+    variant: str = field(default="topk", metadata={"help": "SAE variant (a class in vsae.variants.VARIANTS)"})
+    d_sae: int = field(default=8192, metadata={"help": "number of latents"})
+    k: int = field(default=64, metadata={"help": "active latents per token"})
+    pre_bias: bool = field(default=True, metadata={
+        "help": "subtract b_dec from the input (else b_dec is only an output bias)"})
+    decoder: str = field(default="unit", metadata={
+        "help": "unit: unit-norm rows, renormalised every step with the decoder-parallel gradient removed; "
+                "free: rows initialised at norm 0.1, never renormalised"})
+    b_dec_init: str = field(default="geometric_median", metadata={
+        "help": "initial b_dec: geometric median or mean of the first batch, or zero"})
+    aux_k_coef: float = field(default=1 / 32, metadata={"help": "AuxK loss coefficient (0 turns AuxK off)"})
+    k_aux: int | None = field(default=None, metadata={"help": "latents in the AuxK loss (unset: d_in // 2)"})
+    dead_after: int | None = field(default=None, metadata={
+        "help": "tokens without firing before a latent counts as dead, for AuxK "
+                "(unset: min(10M, run tokens // 5))"})
+    sample: bool = field(default=False, metadata={"help": "vsae: sample z = mu + sigma * eps in training"})
+    variance: str = field(default="fixed", metadata={
+        "help": "vsae: fixed (sigma = 1) or a learned log-variance head"})
+    kl_coef: float = field(default=1.0, metadata={"help": "vsae: weight of the KL term"})
+    kl_warmup: float = field(default=0.1, metadata={"help": "vsae: fraction of steps of linear KL warm-up"})
 
     def validate(self, d_in: int | None = None) -> None:
         from vsae.variants import VARIANTS
@@ -50,10 +56,11 @@ class SAEConfig:
     def label(self, group: list[SAEConfig]) -> str:
         """A short name from the fields that vary across `group` (for sweep run directories)."""
         varying = [f.name for f in fields(self) if len({repr(getattr(c, f.name)) for c in group}) > 1]
-        return "-".join(_label_part(n, getattr(self, n)) for n in varying) or self.variant
+        return "-".join(label_part(n, getattr(self, n)) for n in varying) or self.variant
 
 
-def _label_part(name: str, value) -> str:
+def label_part(name: str, value: object) -> str:
+    """One switch as a run-name part: `k64`, `sample`/`nosample` for a bool, the bare value for `variant`."""
     short = name.replace("_", "")
     if name == "variant":
         return str(value)
@@ -66,26 +73,33 @@ def _label_part(name: str, value) -> str:
 class TrainConfig:
     """The run: data, optimiser, schedule, checkpointing. Shared by every SAE trained in one pass."""
 
-    cache: str = ""
-    out: str = "runs/sae"
-    steps: int | None = None  # None: from `tokens`, else one epoch of the training split
-    tokens: int | None = None
-    batch_size: int = 4096
-    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2**14) (Gao et al.'s scaling)
-    lr_warmup_steps: int = 1000  # capped at a tenth of the run
-    lr_decay_start: float = 0.8  # linear decay to 0 over the last 20% of steps
-    grad_clip: float = 1.0
-    adam_eps: float = 6.25e-10  # Gao et al.
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    seed: int = 42
-    device: str = "cpu"
-    bf16: bool | None = None  # None: bf16 autocast where the device has it (CUDA)
-    sparse: bool | None = None  # None: sparse decode on CPU, dense on CUDA (faster on each)
-    eval_fraction: float = 0.05  # held out by sequence, for `vsae eval`
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    progress: bool = True
+    cache: str = field(default="", metadata={"help": "activation cache directory (from vsae harvest)"})
+    out: str = field(default="runs/sae", metadata={"help": "run directory (several SAEs: one subdirectory each)"})
+    steps: int | None = field(default=None, metadata={
+        "help": "optimiser steps (unset: tokens / batch size, else one epoch of the training split)"})
+    tokens: int | None = field(default=None, metadata={
+        "help": "training tokens, used when steps is unset (unset: one epoch of the training split)"})
+    batch_size: int = field(default=4096, metadata={"help": "activations per optimiser step"})
+    lr: float | None = field(default=None, metadata={
+        "help": "learning rate (unset: 2e-4 / sqrt(d_sae / 2^14), Gao et al.'s scaling)"})
+    lr_warmup_steps: int = field(default=1000, metadata={
+        "help": "linear lr warm-up steps (capped at a tenth of the run)"})
+    lr_decay_start: float = field(default=0.8, metadata={
+        "help": "fraction of the run after which the lr decays linearly to 0"})
+    grad_clip: float = field(default=1.0, metadata={"help": "maximum gradient norm"})
+    adam_eps: float = field(default=6.25e-10, metadata={"help": "Adam epsilon (Gao et al.'s value)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (first-moment decay)"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (second-moment decay)"})
+    seed: int = field(default=42, metadata={"help": "seed of the batch order and of the SAE init"})
+    device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda, cuda:1, ...)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (unset: on CUDA, off elsewhere)"})
+    sparse: bool | None = field(default=None, metadata={
+        "help": "sparse encode/decode kernels (unset: sparse on CPU, dense on CUDA: faster on each)"})
+    eval_fraction: float = field(default=0.05, metadata={
+        "help": "fraction of the cache's sequences held out for vsae eval"})
+    log_every: int = field(default=50, metadata={"help": "steps between log.jsonl lines"})
+    checkpoint_every: int = field(default=1000, metadata={"help": "steps between checkpoints"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def learning_rate(self, d_sae: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)

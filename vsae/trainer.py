@@ -8,7 +8,6 @@ the whole algorithm.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,8 +18,10 @@ from tqdm.auto import tqdm
 
 from activations.cache import manifest_hash, read_manifest
 from activations.loader import ActivationLoader
+from vsae.checkpoint import CheckpointError
 from vsae.config import SAEConfig, TrainConfig, diff_fields, lr_at
-from vsae.run import RunError, is_run, read_run, recover, write_run
+from vsae.firing import FiringCounter, fired_counts
+from vsae.run import TRAIN_JSON, RunError, is_run, read_run, read_trainer_state, recover, write_run
 from vsae.variants import TopKSAE, build_sae, geometric_median
 
 # Fields that may change between a run and its resumption without changing what is computed.
@@ -33,7 +34,11 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class SAEState:
-    """One SAE being trained: the module, its optimiser, counters and log."""
+    """One SAE being trained: the module, its optimiser, counters and log.
+
+    `firing` counts each latent's firings over the whole run (float64, as saved in `fire_count`);
+    `tokens_since_fired` drives AuxK's dead mask.
+    """
 
     path: Path
     cfg: SAEConfig
@@ -42,7 +47,7 @@ class SAEState:
     generator: torch.Generator
     dead_after: int
     tokens_since_fired: torch.Tensor
-    fire_count: torch.Tensor
+    firing: FiringCounter
     step: int = 0
     info: dict = field(default_factory=dict)  # train.json content, less step and tokens
     log: list[dict] = field(default_factory=list)
@@ -126,7 +131,8 @@ def update_step(s: SAEState, x: torch.Tensor, step: int, n_steps: int, cfg: Trai
         group["lr"] = lr_at(step, n_steps, group["initial_lr"], cfg.lr_warmup_steps, cfg.lr_decay_start)
     dead = s.tokens_since_fired >= s.dead_after if s.cfg.aux_k_coef > 0 else None
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        terms, vals, idx = s.sae.loss_terms(x, step / n_steps, dead, s.generator)
+        out = s.sae.loss_terms(x, step / n_steps, dead, s.generator)
+    terms = out.terms
     loss = sum(terms.values())
     if not torch.isfinite(loss):
         bad = [name for name, t in terms.items() if not torch.isfinite(t)]
@@ -134,8 +140,7 @@ def update_step(s: SAEState, x: torch.Tensor, step: int, n_steps: int, cfg: Trai
                             f"the last checkpoint (step {_saved_step(s.path)}) is kept; lower --lr or check the cache")
     s.opt.zero_grad(set_to_none=True)
     loss.backward()
-    fired = torch.zeros_like(s.fire_count)
-    fired.index_add_(0, idx.flatten(), (vals > 0).flatten().to(fired.dtype))
+    fired = fired_counts(out.code, s.cfg.d_sae, s.firing.counts.dtype)
     if world_size > 1:
         import torch.distributed as dist
 
@@ -147,13 +152,13 @@ def update_step(s: SAEState, x: torch.Tensor, step: int, n_steps: int, cfg: Trai
     torch.nn.utils.clip_grad_norm_(s.sae.parameters(), cfg.grad_clip)
     s.opt.step()
     s.sae.after_step()
-    s.fire_count += fired
+    s.firing.add(fired, x.shape[0] * world_size)
     s.tokens_since_fired += x.shape[0] * world_size
     s.tokens_since_fired[fired > 0] = 0
     s.step = step + 1
     stats = {name: float(t.detach()) for name, t in terms.items()}
     stats["loss"] = float(loss.detach())
-    stats["l0"] = float((vals > 0).sum(1).float().mean())
+    stats["l0"] = float((out.vals > 0).sum(1).float().mean())
     for name, v in stats.items():
         s.window[name] = s.window.get(name, 0.0) + v
     s.window["_n"] = s.window.get("_n", 0.0) + 1
@@ -164,7 +169,7 @@ def _log_line(s: SAEState, step: int, cfg: TrainConfig, tok_s: float) -> dict:
     line = {"step": step, "tokens": step * cfg.batch_size, "lr": s.opt.param_groups[0]["lr"]}
     line.update({k: v / n for k, v in s.window.items()})
     line["dead_fraction"] = float((s.tokens_since_fired >= s.dead_after).float().mean())
-    line["never_fired_fraction"] = float((s.fire_count == 0).float().mean())
+    line["never_fired_fraction"] = float((s.firing.counts == 0).float().mean())
     line["tokens_per_s"] = tok_s
     s.window.clear()
     return line
@@ -190,7 +195,7 @@ def fresh_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, d_in: int, n
     dead_after = cfg.dead_after or min(10_000_000, max(1, n_steps * train_cfg.batch_size // 5))
     return SAEState(path, cfg, sae, opt, generator, dead_after,
                     torch.zeros(cfg.d_sae, dtype=torch.long, device=device),
-                    torch.zeros(cfg.d_sae, dtype=torch.float64, device=device))
+                    FiringCounter(cfg.d_sae, device=device, dtype=torch.float64))
 
 
 def _open_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, info: dict, resume: bool, device,
@@ -228,14 +233,17 @@ def _comparable(run_info: dict) -> dict:
 
 
 def _restore(s: SAEState, path: Path, info: dict) -> None:
-    saved, state, log = read_run(path)
+    run = read_run(path)
+    if run.train is None:
+        raise CheckpointError(f"{path}: cannot read its {TRAIN_JSON}; the run cannot be resumed")
+    saved, state = run.train, read_trainer_state(path)
     if saved["d_in"] != info["d_in"]:
         raise RunError(f"the cache's activations have width {info['d_in']} but the run {path} was trained on "
                        f"width {saved['d_in']}; resume it on its own cache ({saved['cache']})")
     differ = diff_fields(_comparable(saved), _comparable(s.info))
     if differ:
         raise RunError(f"cannot resume {path}: the config differs from the saved one in {', '.join(differ)}; "
-                       f"rerun with the saved settings (see {path / 'train.json'}) or choose a new --out")
+                       f"rerun with the saved settings (see {path / TRAIN_JSON}) or choose a new --out")
     device = s.tokens_since_fired.device
     with torch.no_grad():
         for name, p in s.sae.named_parameters():
@@ -245,10 +253,11 @@ def _restore(s: SAEState, path: Path, info: dict) -> None:
                           "exp_avg": state[f"adam.exp_avg.{name}"].to(device),
                           "exp_avg_sq": state[f"adam.exp_avg_sq.{name}"].to(device)}
     s.tokens_since_fired.copy_(state["tokens_since_fired"])
-    s.fire_count.copy_(state["fire_count"])
+    s.firing.counts.copy_(state["fire_count"])
     s.generator.set_state(state["rng"])
     s.step = int(saved["step"])
-    s.log = log
+    s.firing.n_tokens = s.step * s.info["train"]["batch_size"]
+    s.log = run.log
 
 
 def _init_b_dec(s: SAEState, loader: ActivationLoader, scale: float, device) -> None:
@@ -269,9 +278,9 @@ def _save(s: SAEState, info: dict, scale: float, n_steps: int) -> None:
             state[f"adam.step.{n}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(())
             state[f"adam.exp_avg.{n}"] = st["exp_avg"]
             state[f"adam.exp_avg_sq.{n}"] = st["exp_avg_sq"]
-    state.update(tokens_since_fired=s.tokens_since_fired, fire_count=s.fire_count, rng=s.generator.get_state())
+    state.update(tokens_since_fired=s.tokens_since_fired, fire_count=s.firing.counts, rng=s.generator.get_state())
     tokens = s.step * s.info["train"]["batch_size"]
-    density = s.fire_count / max(1, tokens)
+    density = s.firing.counts / max(1, tokens)
     run_info = {**s.info, "step": s.step, "tokens_seen": tokens, "complete": s.step >= n_steps}
     meta = {"model_name": info["model"]["name"], "hook_name": info["hook_name"], "context_size": info["context"],
             "dataset_path": info["cache"]}
@@ -281,8 +290,8 @@ def _save(s: SAEState, info: dict, scale: float, n_steps: int) -> None:
 
 def _saved_step(path: Path) -> int:
     try:
-        return int(json.loads((path / "train.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
+        return int((read_run(path).train or {})["step"])
+    except (ValueError, KeyError, TypeError):
         return 0
 
 

@@ -8,16 +8,44 @@ Adding a variant: a subclass here plus one line in `VARIANTS`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
 from vsae.checkpoint import SAEWeights
+from vsae.code import TopKCode, encode_topk
 from vsae.config import SAEConfig
 from vsae.sparse import sparse_decode, sparse_encode
 
 
+class TrainingLatents(NamedTuple):
+    """A training batch's latents: the k kept values and ids [B, k], the pre-activations, extra loss terms."""
+
+    vals: Tensor  # with gradients; a vSAE's may be negative
+    idx: Tensor
+    pre: Tensor  # [B, d_sae]
+    terms: dict[str, Tensor]  # each already weighted
+
+
+class TrainStepOutput(NamedTuple):
+    """What `loss_terms` hands the trainer: the weighted loss terms and the batch's code (detached)."""
+
+    terms: dict[str, Tensor]
+    vals: Tensor
+    idx: Tensor
+
+    @property
+    def code(self) -> TopKCode:
+        return TopKCode(self.vals, self.idx)
+
+
 class TopKSAE(nn.Module):
     """z = TopK(ReLU(W_enc (x - b_dec) + b_enc)); x_hat = z W_dec + b_dec; loss = MSE + AuxK."""
+
+    # SAEConfig fields that act only on this variant: elsewhere they change nothing, so a study neither trains
+    # nor names runs that differ only in them.
+    own_fields: tuple[str, ...] = ()
 
     def __init__(self, cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -63,11 +91,9 @@ class TopKSAE(nn.Module):
         return z.scatter(1, idx, vals) @ self.W_dec.to(vals.dtype)
 
     @torch.no_grad()
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Deterministic evaluation encoding: (vals, idx) of TopK(ReLU(pre)), for every variant."""
-        pre = self.pre_activations(self.encoder_input(x))
-        vals, idx = pre.topk(self.k, dim=1)
-        return vals.relu(), idx
+    def encode(self, x: Tensor) -> TopKCode:
+        """Deterministic evaluation encoding, for every variant: the code the exported SAE computes."""
+        return encode_topk(x, self.W_enc, self.b_enc, self.b_dec, self.k, self.cfg.pre_bias)
 
     def reconstruct(self, x: Tensor) -> Tensor:
         vals, idx = self.encode(x)
@@ -75,18 +101,18 @@ class TopKSAE(nn.Module):
 
     # --- what a variant may change -----------------------------------------------------
     def training_latents(self, x_in: Tensor, progress: float, generator: torch.Generator | None
-                         ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """(vals, idx, pre, extra loss terms) for a training batch."""
+                         ) -> TrainingLatents:
+        """The latents of a training batch, and the variant's extra loss terms."""
         with torch.set_grad_enabled(not self.sparse):
             pre = self.pre_activations(x_in)
         idx = pre.detach().topk(self.k, dim=1, sorted=False).indices
         vals = self.selected_pre(x_in, idx, pre).relu()
-        return vals, idx, pre, {}
+        return TrainingLatents(vals, idx, pre, {})
 
     # --- the loss ----------------------------------------------------------------------
     def loss_terms(self, x: Tensor, progress: float, dead: Tensor | None,
-                   generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """Loss terms (each already weighted), plus (vals, idx) of the batch for statistics.
+                   generator: torch.Generator | None = None) -> TrainStepOutput:
+        """Loss terms (each already weighted), plus the batch's code (vals, idx) for statistics.
 
         `progress` is the fraction of the run done (for warm-ups); `dead` a bool mask of
         latents that have not fired for `dead_after` tokens (for AuxK).
@@ -97,7 +123,7 @@ class TopKSAE(nn.Module):
         terms = {"mse": (x_hat - x).pow(2).sum(-1).mean(), **terms}
         if self.cfg.aux_k_coef > 0 and dead is not None and bool(dead.any()):
             terms["auxk"] = self.cfg.aux_k_coef * self.aux_loss(x_in, pre, x - x_hat.detach(), dead)
-        return terms, vals.detach(), idx
+        return TrainStepOutput(terms, vals.detach(), idx)
 
     def aux_loss(self, x_in: Tensor, pre: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
         """AuxK: the top `k_aux` dead latents reconstruct the residual, normalised by its variance."""
@@ -143,6 +169,8 @@ class TopKSAE(nn.Module):
 class VariationalTopKSAE(TopKSAE):
     """vSAE: mu = ReLU(pre), z = mu + sigma * eps (if `sample`), TopK by |z| keeping signs; + KL to N(0, 1)."""
 
+    own_fields = ("sample", "variance", "kl_coef", "kl_warmup")
+
     def __init__(self, cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg, d_in, generator)
         if cfg.variance == "learned":
@@ -156,7 +184,8 @@ class VariationalTopKSAE(TopKSAE):
             return None  # sigma = 1
         return (x_in @ self.W_var + self.b_var).clamp(-6.0, 2.0)
 
-    def training_latents(self, x_in, progress, generator):
+    def training_latents(self, x_in: Tensor, progress: float, generator: torch.Generator | None
+                         ) -> TrainingLatents:
         pre = self.pre_activations(x_in)  # dense gradient: the KL term reaches every latent
         mu = pre.relu()
         logvar = self.log_variance(x_in)
@@ -167,7 +196,7 @@ class VariationalTopKSAE(TopKSAE):
         idx = z.detach().abs().topk(self.k, dim=1, sorted=False).indices
         vals = z.gather(1, idx)
         weight = self.cfg.kl_coef * kl_warmup(progress, self.cfg.kl_warmup)
-        return vals, idx, pre, {"kl": weight * gaussian_kl(mu, logvar)}
+        return TrainingLatents(vals, idx, pre, {"kl": weight * gaussian_kl(mu, logvar)})
 
 
 def kl_warmup(progress: float, fraction: float) -> float:

@@ -5,7 +5,7 @@ same held-out tokens, then the size-matched TopK arm, and a report of each switc
       study.json       the plan, the expanded runs, what is done (rewritten atomically after every stage)
       runs/RUN/        one vsae run per SAE (train.json, eval.json, ...)
       figures/*.html   one figure per metric against k
-      compare.html     the compare page of all runs (written by the caller's `compare` function)
+      compare.html     the compare page of all runs (dashboards.compare)
       report.md, report.html
 
 Every stage is resumable: training continues from the runs' checkpoints, evaluation skips runs whose
@@ -14,24 +14,29 @@ eval.json already holds the requested metrics, and a rerun with the same plan co
 
 from __future__ import annotations
 
-import html
 import json
 import time
 import tomllib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from activations.cache import manifest_hash, read_manifest, write_text_atomic
+from activations.atomic import write_text_atomic
+from activations.cache import manifest_hash, read_manifest
+from dashboards.assets import CSS
+from dashboards.compare import CompareConfig, compare_runs
+from dashboards.html import esc, page, table
 from evals.driver import METRICS, EvalConfig, evaluate
 from evals.figures import write_figure
-from vsae.config import PRESETS, SAEConfig, TrainConfig, _label_part
-from vsae.run import RunError
+from vsae.config import PRESETS, SAEConfig, TrainConfig, label_part
+from vsae.run import EVAL_JSON, RunError
+from vsae.trainer import train as train_saes
+from vsae.variants import VARIANTS
 
 STUDY_JSON = "study.json"
 SAE_FIELDS = tuple(f.name for f in fields(SAEConfig))
 TRAIN_SWITCHES = ("steps", "tokens", "lr", "batch_size", "lr_warmup_steps", "seed")  # allowed per run
-VSAE_ONLY = ("sample", "variance", "kl_coef", "kl_warmup")  # switches that act only on the vsae variant
+# The size-matched arm's variant: the plain TopK SAE, sized to each other variant's alive latents.
+BASELINE = "topk"
 PLAN_KEYS = ("name", "description", "train", "eval", "sae", "arm", "size_matched")
 # Settings that change where or how fast, not what is computed: they may differ on a rerun.
 NOT_PLAN = ("device", "progress", "out", "cache")
@@ -57,19 +62,21 @@ class RunSpec:
 
 @dataclass
 class StudyConfig:
-    cache: str
-    plan: str
-    out: str
-    device: str = "cpu"
-    steps: int | None = None  # overrides every run's steps (and its tokens)
-    metrics: list[str] | None = None  # overrides the plan's eval metrics
-    progress: bool = True
+    cache: str = field(metadata={"help": "activation cache directory (from vsae harvest)"})
+    plan: str = field(metadata={"help": "plan TOML file, or a shipped plan: paper | controlled"})
+    out: str = field(metadata={"help": "study directory (e.g. studies/NAME)"})
+    device: str = field(default="cpu", metadata={"help": "torch device for training and evaluation"})
+    steps: int | None = field(default=None, metadata={
+        "help": "override every run's training steps (and drop its tokens)"})
+    metrics: list[str] | None = field(default=None, metadata={
+        "help": "override the plan's eval metrics (unset: the plan's)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
 
 
 # ---------------------------------------------------------------- plan
 
 def plan_path(plan: str | Path) -> Path:
-    """A plan file, or the name of a plan shipped in evals/plans (paper, controlled)."""
+    """A plan file, or the name of a plan shipped in pipeline/plans (paper, controlled)."""
     shipped = Path(__file__).parent / "plans" / f"{plan}.toml"
     return shipped if not Path(plan).exists() and shipped.is_file() else Path(plan)
 
@@ -134,6 +141,54 @@ def _grid(arm: dict) -> list[dict]:
     return combos
 
 
+def own_fields(variant: str) -> tuple[str, ...]:
+    """The SAEConfig fields that act only on `variant`, as its class declares them (none for an unknown one)."""
+    cls = VARIANTS.get(variant)
+    return cls.own_fields if cls is not None else ()
+
+
+def foreign_fields(variant: str) -> dict[str, list[str]]:
+    """Fields that act only on other variants (field -> those variants): on `variant` they change nothing."""
+    own = own_fields(variant)
+    out: dict[str, list[str]] = {}
+    for name, cls in VARIANTS.items():
+        for f in cls.own_fields:
+            if f not in own:
+                out.setdefault(f, []).append(name)
+    return out
+
+
+def _meaningless(sae: dict) -> str | None:
+    """Why a combination of a variant's own switches cannot change what is trained (None when it can)."""
+    if {"sample", "variance"} <= set(own_fields(sae["variant"])) and sae["variance"] == "learned" \
+            and not sae["sample"]:
+        return "without sampling the learned variance reaches only the KL term, never the reconstruction"
+    return None
+
+
+def _skip_reason(sae: dict, train: dict, base_sae: dict, d_in: int, seen: dict[str, int]) -> str | None:
+    """Why this run is not trained (None: it is). Switches foreign to the run's variant are reset to the arm's
+    base values in `sae` first, so that a run differing only in them is found to be a duplicate."""
+    foreign = foreign_fields(sae["variant"])
+    moved = [k for k in foreign if sae[k] != base_sae[k]]
+    if moved:
+        sae.update({k: base_sae[k] for k in foreign})
+        key = _key(sae, train)
+        if key in seen:
+            owners = ", ".join(dict.fromkeys(v for k in moved for v in foreign[k]))
+            return f"duplicate: {', '.join(moved)} act only on {owners}; same run as {seen[key]}"
+    elif (why := _meaningless(sae)) is not None:
+        return f"meaningless: {why}"
+    try:
+        SAEConfig(**sae).validate(d_in)
+    except ValueError as e:
+        return f"impossible: {e}"
+    key = _key(sae, train)
+    if key in seen:
+        return f"duplicate of {seen[key]}"
+    return None
+
+
 def expand(plan: dict, d_in: int, steps: int | None = None) -> tuple[list[RunSpec], list[str]]:
     """The plan's runs, deduplicated, and the skipped combinations with the reason of each."""
     specs, skipped, seen = [], [], {}
@@ -143,32 +198,13 @@ def expand(plan: dict, d_in: int, steps: int | None = None) -> tuple[list[RunSpe
             sae, train = _resolve(plan, arm.get("preset"), values)
             if steps is not None:
                 train.update(steps=steps, tokens=None)
-            what = f"{arm['name']}: " + ", ".join(f"{k}={v}" for k, v in values.items())
-            if sae["variant"] != "vsae":
-                moved = [k for k in VSAE_ONLY if sae[k] != base_sae[k]]
-                if moved:
-                    sae.update({k: base_sae[k] for k in VSAE_ONLY})
-                    key = _key(sae, train)
-                    if key in seen:
-                        skipped.append(f"{what} (duplicate: {', '.join(moved)} act only on vsae; same run as "
-                                       f"{seen[key]})")
-                        continue
-            elif sae["variance"] == "learned" and not sae["sample"]:
-                skipped.append(f"{what} (meaningless: without sampling the learned variance reaches only the KL "
-                               f"term, never the reconstruction)")
+            reason = _skip_reason(sae, train, base_sae, d_in, seen)
+            if reason is not None:
+                what = f"{arm['name']}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+                skipped.append(f"{what} ({reason})")
                 continue
-            try:
-                SAEConfig(**sae).validate(d_in)
-            except ValueError as e:
-                skipped.append(f"{what} (impossible: {e})")
-                continue
-            key = _key(sae, train)
-            if key in seen:
-                skipped.append(f"{what} (duplicate of {seen[key]})")
-                continue
-            spec = RunSpec(name="", arm=arm["name"], sae=sae, train=train)
-            seen[key] = len(specs)
-            specs.append(spec)
+            seen[_key(sae, train)] = len(specs)
+            specs.append(RunSpec(name="", arm=arm["name"], sae=sae, train=train))
     _name(specs)
     skipped = [_renumber(s, specs) for s in skipped]
     return specs, skipped
@@ -199,8 +235,8 @@ def _name(specs: list[RunSpec]) -> None:
         group = [s for s in specs if s.arm == arm]
         keys = varying(group)
         for s in group:
-            parts = [_label_part(k, s.switches()[k]) for k in keys
-                     if k not in VSAE_ONLY or s.sae["variant"] == "vsae"]
+            foreign = foreign_fields(s.sae["variant"])
+            parts = [label_part(k, s.switches()[k]) for k in keys if k not in foreign]
             s.name = "-".join(([arm] if len(arms) > 1 else []) + parts) or s.sae["variant"]
         names = [s.name for s in group]
         if len(set(names)) != len(names):
@@ -210,19 +246,19 @@ def _name(specs: list[RunSpec]) -> None:
 
 def size_matched(plan: dict, specs: list[RunSpec], alive: dict[str, int], d_in: int,
                  steps: int | None) -> tuple[list[RunSpec], list[str]]:
-    """TopK runs with d_sae = each selected vSAE's alive-latent count (and its k)."""
+    """TopK runs with d_sae = each selected run's alive-latent count (and its k); by default every run of a variant
+    other than TopK is selected."""
     sm = plan.get("size_matched")  # an empty [size_matched] table: the plain TopK defaults of the plan
     if sm is None:
         return [], []
-    where = {"variant": "vsae", **sm.get("where", {})}
+    where = sm.get("where", {})
     out, skipped, seen = [], [], {}
     primary = {_key(s.sae, s.train): s.name for s in specs}
     for src in specs:
-        fields_ = {**src.switches(), "arm": src.arm}
-        if any(fields_.get(k) != v for k, v in where.items()):
+        if not _selected(src, where):
             continue
         values = {k: v for k, v in sm.items() if k not in ("preset", "where")}
-        sae, train = _resolve(plan, sm.get("preset"), {**values, "variant": "topk", "k": src.sae["k"],
+        sae, train = _resolve(plan, sm.get("preset"), {**values, "variant": BASELINE, "k": src.sae["k"],
                                                        "d_sae": alive[src.name]})
         if "steps" not in values and "tokens" not in values:
             train.update(steps=src.train["steps"], tokens=src.train["tokens"])
@@ -244,6 +280,15 @@ def size_matched(plan: dict, specs: list[RunSpec], alive: dict[str, int], d_in: 
         seen[key] = [src.name]
         out.append(spec)
     return out, skipped
+
+
+def _selected(spec: RunSpec, where: dict) -> bool:
+    """Whether the size-matched arm matches `spec`: its switches (and arm) equal `where`'s values, and, unless
+    `where` names a variant, it is not a TopK run already."""
+    values = {**spec.switches(), "arm": spec.arm}
+    if "variant" not in where and spec.sae["variant"] == BASELINE:
+        return False
+    return all(values.get(k) == v for k, v in where.items())
 
 
 # ---------------------------------------------------------------- study state
@@ -294,18 +339,16 @@ def _save(out: Path, state: dict) -> None:
 
 def _train_runs(specs: list[RunSpec], cfg: StudyConfig, runs_dir: Path) -> None:
     """One pass of the cache per distinct training setting; every pass resumes from the runs' checkpoints."""
-    from vsae.trainer import train
-
     groups: dict[str, list[RunSpec]] = {}
     for s in specs:
         groups.setdefault(json.dumps(s.train, sort_keys=True), []).append(s)
     for key, group in groups.items():
         tcfg = TrainConfig(**{**json.loads(key), "cache": cfg.cache, "device": cfg.device, "progress": cfg.progress})
         if len(group) == 1:
-            train(replace(tcfg, out=str(runs_dir / group[0].name)), [SAEConfig(**group[0].sae)], resume=True)
+            train_saes(replace(tcfg, out=str(runs_dir / group[0].name)), [SAEConfig(**group[0].sae)], resume=True)
         else:
-            train(replace(tcfg, out=str(runs_dir)), [SAEConfig(**s.sae) for s in group], resume=True,
-                  names=[s.name for s in group])
+            train_saes(replace(tcfg, out=str(runs_dir)), [SAEConfig(**s.sae) for s in group], resume=True,
+                       names=[s.name for s in group])
 
 
 def _eval_config(plan: dict, cfg: StudyConfig) -> EvalConfig:
@@ -317,7 +360,7 @@ def _eval_config(plan: dict, cfg: StudyConfig) -> EvalConfig:
 
 def _evaluated(run: Path, ecfg: EvalConfig, cache_hash: str) -> bool:
     try:
-        doc = json.loads((run / "eval.json").read_text())
+        doc = json.loads((run / EVAL_JSON).read_text())
     except (OSError, json.JSONDecodeError):
         return False
     same = {k: v for k, v in asdict(ecfg).items() if k not in ("metrics", "device", "progress", "cache")}
@@ -332,9 +375,13 @@ def _evaluate_runs(paths: list[Path], ecfg: EvalConfig, cache_hash: str) -> None
         evaluate(todo, ecfg)
 
 
-def run_study(cfg: StudyConfig, compare: Callable[[list[Path], Path], None] | None = None) -> dict:
-    """Run (or continue) the study; returns its state (study.json). `compare(runs, out_html)` writes the compare
-    page (the dashboards package's `compare_runs`; evals does not import dashboards)."""
+def _compare(cfg: StudyConfig, runs: list[Path], out_html: Path) -> None:
+    compare_runs([str(r) for r in runs], CompareConfig(cache=cfg.cache, out=str(out_html), device=cfg.device,
+                                                       progress=cfg.progress))
+
+
+def run_study(cfg: StudyConfig) -> dict:
+    """Run (or continue) the study; returns its state (study.json)."""
     plan = load_plan(cfg.plan)
     out = Path(cfg.out)
     manifest = read_manifest(cfg.cache)
@@ -351,7 +398,7 @@ def run_study(cfg: StudyConfig, compare: Callable[[list[Path], Path], None] | No
                   ("eval", lambda: _evaluate_runs([runs_dir / s.name for s in specs], ecfg, cache_hash))]
         for stage, fn in stages:
             _stage(out, state, stage, fn)
-        alive = {s.name: _alive(runs_dir / s.name) for s in specs if s.sae["variant"] == "vsae"}
+        alive = {s.name: _alive(runs_dir / s.name) for s in specs if s.sae["variant"] != BASELINE}
         matched, sm_skipped = size_matched(plan, specs, alive, d_in, cfg.steps)
         state.update(size_matched=[asdict(s) for s in matched], size_matched_skipped=sm_skipped, alive=alive)
         _save(out, state)
@@ -360,10 +407,10 @@ def run_study(cfg: StudyConfig, compare: Callable[[list[Path], Path], None] | No
             _stage(out, state, "eval_size_matched",
                    lambda: _evaluate_runs([runs_dir / s.name for s in matched], ecfg, cache_hash))
         every = specs + matched
-        if compare is not None and len(every) > 1:
-            _stage(out, state, "compare", lambda: compare([runs_dir / s.name for s in every], out / "compare.html"),
-                   )
-        docs = {s.name: json.loads((runs_dir / s.name / "eval.json").read_text()) for s in every}
+        if len(every) > 1:
+            _stage(out, state, "compare",
+                   lambda: _compare(cfg, [runs_dir / s.name for s in every], out / "compare.html"))
+        docs = {s.name: json.loads((runs_dir / s.name / EVAL_JSON).read_text()) for s in every}
         _stage(out, state, "report", lambda: write_report(out, plan, every, docs, state), always=True)
     except OSError as e:
         raise StudyError(f"cannot write the study {out}: {e}; finished runs and stages are kept, rerun the same "
@@ -382,7 +429,7 @@ def _stage(out: Path, state: dict, name: str, fn, always: bool = False) -> None:
 
 
 def _alive(run: Path) -> int:
-    doc = json.loads((run / "eval.json").read_text())
+    doc = json.loads((run / EVAL_JSON).read_text())
     dens = doc["metrics"].get("density")
     if dens is None:
         raise StudyError("the size-matched arm needs the density metric (fraction alive); add it to the metrics")
@@ -520,7 +567,7 @@ def _figures(out: Path, specs: list[RunSpec], rows: dict[str, dict], cols: list[
         fig = go.Figure()
         for group in series.values():
             group = sorted(group, key=lambda s: s.sae["k"])
-            label = " ".join(_label_part(k, group[0].switches()[k]) for k in keys) or group[0].sae["variant"]
+            label = " ".join(label_part(k, group[0].switches()[k]) for k in keys) or group[0].sae["variant"]
             fig.add_trace(go.Scatter(x=[s.sae["k"] for s in group], y=[rows[s.name].get(c) for s in group],
                                      mode="lines+markers", name=label))
         fig.update_layout(title=f"{c} against k", xaxis_title="k", yaxis_title=c, xaxis_type="log")
@@ -548,23 +595,18 @@ def _markdown(title: str, sections: list) -> str:
 
 
 def _html(title: str, sections: list) -> str:
-    e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>"
-             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:first-child{text-align:left}"
-             "</style></head><body>", f"<h1>{e(title)}</h1>"]
+    """The report as one self-contained page in the dashboards' style (stylesheet inlined, no script)."""
+    parts = [f"<h1>{esc(title)}</h1>"]
     for kind, body in sections:
         if kind == "h2":
-            parts.append(f"<h2>{e(body)}</h2>")
+            parts.append(f"<h2>{esc(body)}</h2>")
         elif kind == "p" and body:
-            parts.append(f"<p>{e(body)}</p>")
+            parts.append(f"<p>{esc(body)}</p>")
         elif kind == "table":
             head, rows = body
-            parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
-            parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
-            parts.append("</table>")
+            parts.append(table([[esc(c) for c in r] for r in rows], [esc(h) for h in head], cls="data"))
         elif kind == "links":
-            parts.append("<ul>" + "".join(f"<li><a href='{e(h)}'>{e(t)}</a></li>" for h, t in body) + "</ul>")
+            parts.append("<ul>" + "".join(f'<li><a href="{esc(h)}">{esc(t)}</a></li>' for h, t in body) + "</ul>")
         elif kind == "list":
-            parts.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in body) + "</ul>")
-    return "\n".join(parts) + "\n</body></html>\n"
+            parts.append("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in body) + "</ul>")
+    return page(title, "\n".join(parts), css=CSS)
