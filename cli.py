@@ -88,8 +88,64 @@ def _config(cls, args: argparse.Namespace, **parsed):
     return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **parsed})
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected an integer or a comma list of integers, e.g. 32,64") from None
+
+
+def check_device(name: str) -> None:
+    """A one-line error for a device torch does not know or this machine does not have."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: vsae runs on cpu or cuda")
+
+
+def check_writable(path: str | Path, flag: str = "--out") -> None:
+    """Refuse an output that cannot be written before any work starts: its nearest existing ancestor must be a
+    writable directory (a file in the way, or a read-only place, would otherwise fail only at the first save)."""
+    import os
+
+    target = Path(path).absolute()
+    for parent in (target, *target.parents):
+        if parent.exists():
+            break
+    if parent != target and not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory; choose another {flag}")
+    probe = parent if parent.is_dir() else parent.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {probe} is not writable; choose another {flag}")
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Checks of the flags every command shares, before any work starts."""
+    if getattr(args, "device", None):
+        check_device(args.device)
+    if getattr(args, "out", None) and args.command != "build-tiny-model":
+        check_writable(args.out)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vsae")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _metrics_note() -> str:
-    from evals.driver import METRICS
+    from evals.registry import METRICS
 
     return f"comma list of {','.join(METRICS)}, or all"
 
@@ -160,12 +216,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_cfg = dataclasses.replace(train_cfg, **{k: v for k, v in given.items() if k in train_fields})
     # --k is a comma list, one SAE per entry; the other SAE flags map to one field each.
     sae_cfg = dataclasses.replace(sae_cfg, **{k: v for k, v in given.items() if k in sae_fields - {"k"}})
-    ks = [int(k) for k in given["k"].split(",")] if "k" in given else [sae_cfg.k]
+    ks = _int_list("--k", given["k"]) if "k" in given else [sae_cfg.k]
     names = None
     sae_cfgs = [dataclasses.replace(sae_cfg, k=k) for k in ks]
     if args.sweep:
-        with open(args.sweep, "rb") as f:
-            sweep = tomllib.load(f).get("sae", [])
+        try:
+            with open(args.sweep, "rb") as f:
+                sweep = tomllib.load(f).get("sae", [])
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"--sweep {args.sweep}: cannot read it as TOML ({e})") from None
+        if not isinstance(sweep, list) or not all(isinstance(o, dict) for o in sweep):
+            raise ValueError(f"--sweep {args.sweep}: `sae` must be an array of [[sae]] tables")
         if not sweep:
             raise ValueError(f"--sweep {args.sweep}: no [[sae]] tables; each one lists the fields it changes")
         names = [str(o.pop("name")) for o in sweep if "name" in o]
@@ -198,7 +259,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from evals.driver import EvalConfig, evaluate, parse_metrics, table
+    from evals.driver import EvalConfig, evaluate, table
+    from evals.registry import parse_metrics
 
     results = evaluate(args.runs, _config(EvalConfig, args, metrics=parse_metrics(args.metrics)))
     print(table(results))
@@ -225,8 +287,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from evals.driver import runs_table
+
+    print(runs_table(args.root))
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
-    from evals.driver import parse_metrics
+    from evals.registry import parse_metrics
     from pipeline.study import StudyConfig, run_study
 
     cfg = _config(StudyConfig, args, metrics=parse_metrics(args.metrics) if args.metrics else None)
@@ -329,6 +398,13 @@ def _add_cache_info(sub) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the checksum verification")
 
 
+def _add_runs(sub) -> None:
+    p = _command(sub, "runs", cmd_runs, "list the runs under a directory, with settings and metrics",
+                 "List every run directory (vsae or SAELens checkpoint) at or below ROOT as a table: variant, width, "
+                 "k, steps, tokens, hook, and the headline metrics of its eval.json.")
+    p.add_argument("root", help="directory to search for runs")
+
+
 def _add_study(sub) -> None:
     from pipeline.study import StudyConfig
 
@@ -350,7 +426,7 @@ def _add_demo(sub) -> None:
 
 
 COMMANDS = (_add_build_tiny_model, _add_harvest, _add_train, _add_eval, _add_dashboard, _add_compare,
-            _add_cache_info, _add_study, _add_demo)
+            _add_cache_info, _add_runs, _add_study, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,28 +434,47 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vsae", formatter_class=FORMATTER,
         description="Harvest LM activations, train and analyse sparse autoencoders, offline.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"vsae {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures of the input or the environment, reported as one line naming the input and the fix."""
     from activations.cache import CacheError
     from activations.corpus import CorpusError
+    from activations.guard import LockedError
     from activations.models import HookNameError, ModelLoadError
     from dashboards.build import DashboardError
-    from evals.driver import EvalError
+    from evals.context import EvalError
+    from evals.labelled import LabelledSetError
     from vsae.checkpoint import CheckpointError
     from vsae.run import RunError
     from vsae.trainer import NonFiniteLoss
 
+    return (CacheError, CorpusError, HookNameError, ModelLoadError, ValueError, RunError, CheckpointError,
+            NonFiniteLoss, EvalError, DashboardError, LockedError, LabelledSetError, OSError)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f" {e.filename}" if e.filename else ""
+        return f"{e.strerror}:{where}; check the path and its permissions"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
+        _preflight(args)
         return args.func(args)
-    except (CacheError, CorpusError, HookNameError, ModelLoadError, ValueError, RunError, CheckpointError,
-            NonFiniteLoss, EvalError, DashboardError) as e:
-        print(f"vsae {args.command}: error: {e}", file=sys.stderr)
+    except expected_errors() as e:
+        if args.debug:
+            raise
+        print(f"vsae {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vsae {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

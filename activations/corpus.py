@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -169,7 +170,31 @@ def _documents(parts: list[_Part], name: str, stats: CorpusStats) -> Iterator[st
 def _local_files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.suffix in _FILE_SUFFIXES and p.is_file())
+    _open_regular(path).close()
     return [path]
+
+
+def _open_regular(path: Path) -> io.BufferedReader:
+    """`path` opened for reading when it is a regular file; a device, FIFO or socket is a CorpusError.
+
+    Reading /dev/zero never ends and a FIFO blocks until someone writes: the check is made on the opened file
+    (O_NONBLOCK keeps the open itself from waiting on a FIFO), so a file swapped after listing is caught too.
+    """
+    def refuse() -> CorpusError:
+        return CorpusError(f"corpus {path} is not a regular file (a device, FIFO or socket); give text files "
+                           f"(.txt, .jsonl) or a folder of them")
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise refuse()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise CorpusError(f"corpus file {path}: cannot open it ({e.strerror or e})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refuse()
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def _decode(raw: bytes, stats: CorpusStats) -> str:
@@ -186,7 +211,8 @@ def _decode(raw: bytes, stats: CorpusStats) -> str:
 
 def _read_files(files: list[Path], stats: CorpusStats) -> Iterator[str]:
     for path in files:
-        text = _decode(path.read_bytes(), stats)
+        with _open_regular(path) as f:
+            text = _decode(f.read(), stats)
         if path.suffix == ".jsonl":
             yield from _jsonl_texts(text, path)
         else:
@@ -215,7 +241,7 @@ def _describe_files(files: list[Path]) -> dict:
 
 def _describe_file(path: Path) -> dict:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with _open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}

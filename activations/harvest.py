@@ -24,11 +24,14 @@ from activations.cache import (
     CacheError,
     ShardWriter,
     read_manifest,
+    stamp_shards,
     update_totals,
     verify_shard,
     write_json_atomic,
 )
+from activations.checksums import RECORD
 from activations.corpus import CorpusStats, corpus_documents, describe_corpus
+from activations.guard import DirLock, plain_name
 from activations.models import (
     EMBEDDED_MODEL,
     ModelSource,
@@ -106,9 +109,24 @@ def _layout(cfg: HarvestConfig) -> _Layout:
 
 
 def harvest(cfg: HarvestConfig) -> HarvestSummary:
-    """Write (or finish) the cache `cfg.out`; the same config always gives the same cache."""
+    """Write (or finish) the cache `cfg.out`; the same config always gives the same cache.
+
+    The cache is locked for the whole run: a second harvest into it, or a reader of it, is refused meanwhile.
+    """
     _check_config(cfg)
     out = Path(cfg.out)
+    lock = DirLock(out, "cache")
+    try:
+        lock.__enter__()
+    except OSError as e:
+        raise CacheError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable directory") from None
+    try:
+        return _harvest(cfg, out)
+    finally:
+        lock.__exit__()
+
+
+def _harvest(cfg: HarvestConfig, out: Path) -> HarvestSummary:
     _prepare_out_dir(out, cfg.overwrite)
 
     source = ModelSource(cfg.model, cfg.model_path)
@@ -131,6 +149,7 @@ def harvest(cfg: HarvestConfig) -> HarvestSummary:
     manifest["complete"] = True
     update_totals(manifest)
     write_json_atomic(out / MANIFEST, manifest)
+    stamp_shards(out, manifest)  # every listed shard was hashed in this run: its first reader need not
     seconds = time.perf_counter() - t0
     return HarvestSummary(
         out=str(out), tokens=manifest["total_tokens"], shards=len(manifest["shards"]),
@@ -316,7 +335,7 @@ def _is_cache_file(p: Path) -> bool:
     # A killed atomic write leaves `.NAME.<pid>.<rand>.tmp`; a killed shard write leaves `NAME.tmp`.
     name = temp_target(p) or p.name.removesuffix(".tmp")
     return p.is_file() and (
-        name == MANIFEST or (name.startswith(("acts-", "tokens-")) and name.endswith(".npy"))
+        name in (MANIFEST, RECORD) or (name.startswith(("acts-", "tokens-")) and name.endswith(".npy"))
     )
 
 
@@ -365,7 +384,9 @@ def _verified_shards(out: Path, manifest: dict, d_in: int, dtype: str) -> dict[i
         else:
             tqdm.write(f"shard {entry['index']}: {problem}; rebuilding it", file=sys.stderr)
             for key in ("file", "tokens_file"):
-                (out / entry[key]).unlink(missing_ok=True)
+                # A plain name (read_manifest checked it is the one its index gives): the unlink stays in the
+                # cache, and removes a symlink, never what it points to.
+                (out / plain_name(entry[key], "shard file")).unlink(missing_ok=True)
     return good
 
 

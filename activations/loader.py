@@ -35,6 +35,9 @@ class ActivationLoader:
 
     Rows are gathered from the memmaps batch by batch (never the whole cache in
     RAM); a background thread prepares the next batches while the caller works.
+    Opening checks the cache (`open_shards`: each shard's checksum the first time
+    it is read) and holds a shared lock on it until the loader is closed or freed,
+    so no harvest rewrites the cache while it is read.
     """
 
     def __init__(
@@ -71,6 +74,16 @@ class ActivationLoader:
         train, held = split_sequences(n_seqs, eval_fraction)
         seqs = {"train": train, "eval": held, "all": np.arange(n_seqs)}[split]
         self.rows = (seqs[:, None] * rows_per_seq + np.arange(rows_per_seq)[None, :]).reshape(-1)
+
+    def close(self) -> None:
+        """Drop the memmaps, and with the last of them the lock on the cache (freeing the loader does the same)."""
+        self._acts, self._toks = [], []
+
+    def __enter__(self) -> ActivationLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def n_tokens(self) -> int:

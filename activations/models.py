@@ -100,9 +100,10 @@ def load_local_checkpoint(path: str | Path, device: str = "cpu", dtype: str = "f
             f"--model-path {path}: no config.json there; expected a Hugging Face checkpoint "
             f"directory (config.json + model.safetensors + tokenizer files)"
         )
+    _check_safetensors(path)
     torch_dtype = getattr(torch, dtype)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         cfg = loading.get_pretrained_model_config(
             str(path), fold_ln=False, device=device, dtype=torch_dtype
@@ -117,6 +118,24 @@ def load_local_checkpoint(path: str | Path, device: str = "cpu", dtype: str = "f
     )
     model.move_model_modules_to_device()
     return model.eval()
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse a checkpoint without safetensors weights: a pickle (`pytorch_model.bin`) can run code when loaded."""
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if not pickles:
+        raise ModelLoadError(f"--model-path {path}: no model.safetensors there; expected a Hugging Face checkpoint "
+                             f"directory (config.json + model.safetensors + tokenizer files)")
+    raise ModelLoadError(
+        f"--model-path {path} holds {', '.join(pickles[:3])} but no .safetensors weights: only safetensors weights "
+        f"are loaded (a pickle can run code); convert a checkpoint you trust with `python -c \"from transformers "
+        f"import AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained('{path}')\"`"
+    )
 
 
 def default_hook(model) -> str:

@@ -44,6 +44,15 @@ tr.dead td { color: #9ca3af; }
 .pos { color: #15803d; } .neg { color: #b91c1c; }
 .side { display: grid; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); gap: 12px; }
 iframe.fig { width: 100%; height: 520px; border: 1px solid var(--line); }
+.scroll { overflow-x: auto; max-width: 100%; }
+table.wide td:first-child, table.wide th:first-child { position: sticky; left: 0; background: #fff; z-index: 1; }
+table.summary td.best { background: #ecfdf3; font-weight: 600; }
+table.summary td.ns { color: var(--muted); }
+table.summary .mark, table.summary .ival { font-size: 11.5px; font-weight: 400; color: var(--muted); white-space: nowrap; }
+table.summary td.best .mark { color: #15803d; }
+table.summary td.note { min-width: 220px; } table.summary td.bestrun { min-width: 220px; }
+table.summary td:first-child, table.summary td:nth-child(2) { white-space: nowrap; }
+details.group { margin: 6px 0; } details > summary { cursor: pointer; font-weight: 600; margin: 6px 0; }
 """
 
 JS = r"""
@@ -116,10 +125,33 @@ window.VSAE = (function () {
   }
 
   // figures: [[element id, {data, layout}, clickable?], ...]; clicking a point with a latent id opens its page.
+  // An element marked `data-lazy` is drawn only when it comes near the viewport (in a closed <details>, when that
+  // opens), so a page of many figures (a compare page of 90 runs) opens at once; drawn figures stay drawn.
+  let observer = null;
+  const pending = new Map();
+  function drawWhenSeen(target, draw) {
+    if (!("IntersectionObserver" in window)) { draw(); return; }
+    if (!observer) {
+      observer = new IntersectionObserver((entries) => {
+        for (const entry of entries) {
+          if (!entry.isIntersecting || !pending.has(entry.target)) continue;
+          const fn = pending.get(entry.target);
+          pending.delete(entry.target);
+          observer.unobserve(entry.target);
+          fn();
+        }
+      }, { rootMargin: "300px 0px" });
+    }
+    pending.set(target, draw);
+    observer.observe(target);
+  }
+
   function figures(list, latentHref) {
     for (const [id, fig, clickable] of list) {
+      const target = document.getElementById(id);
       const open = clickable && latentHref ? (lid) => { window.location.href = latentHref(lid); } : null;
-      plot(document.getElementById(id), fig, open);
+      if (target && target.hasAttribute("data-lazy")) drawWhenSeen(target, () => plot(target, fig, open));
+      else plot(target, fig, open);
     }
   }
 

@@ -8,7 +8,11 @@ Output directory:
   assets/plotly.min.js, vsae.js/css  plotly.js once, the page script and stylesheet
   data/index.js, data/tsne.js      the index table and figures; t-SNE coordinates when eval made them
   data/latents/ID.js               one latent's data, loaded when its page opens
-  dashboard.json                   what was built from what (read by `vsae compare` to link here)
+  dashboard.json                   what was built from what (read by `vsae compare` to link here); the marker:
+                                   vsae replaces only a directory that has it
+
+The whole directory is built beside --out and swapped in (`vsae.outputs.replace_dir`), so a kill at any moment leaves
+the old complete dashboard or the new one; one `vsae dashboard` at a time writes an --out.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from tqdm.auto import tqdm
 from activations.cache import manifest_hash, open_shards
 from activations.loader import ActivationLoader
 from dashboards.feature_pages import (
-    LATENT_DIR,
     LatentExtras,
     TokenText,
     latent_documents,
@@ -41,6 +44,7 @@ from dashboards.run_info import eval_density_histogram, eval_figure_files, eval_
 from dashboards.weights import decoder_neighbours, logit_effects
 from vsae.checkpoint import SAEWeights, read_sae
 from vsae.firing import log10_density_histogram
+from vsae.outputs import claim, replace_dir
 from vsae.run import RunDir, read_run
 
 DASHBOARD_META = "dashboard.json"
@@ -48,6 +52,11 @@ DASHBOARD_META = "dashboard.json"
 
 class DashboardError(RuntimeError):
     """A run, cache or option the dashboard cannot be built from as asked."""
+
+
+def is_dashboard(path: Path) -> bool:
+    """Whether `path` is a dashboard vsae wrote (its marker, dashboard.json)."""
+    return (Path(path) / DASHBOARD_META).is_file()
 
 
 @dataclass
@@ -199,12 +208,8 @@ def _weight_effects(scan: _Scan, cfg: DashboardConfig) -> tuple[TokenText, tuple
 
 
 def _write_latents(out: Path, scan: _Scan, text: TokenText, extras: LatentExtras, tsne_maps: dict) -> list:
-    """Write the shared assets, the latent page and every shown latent's data file; returns the index rows."""
-    out.mkdir(parents=True, exist_ok=True)
-    stale = out / LATENT_DIR
-    if stale.is_dir():
-        for f in stale.glob("*.js"):
-            f.unlink()
+    """Write the shared assets, the latent page and every shown latent's data file into the new directory `out`;
+    returns the index rows."""
     install_assets(out)
     write_latent_shell(out, scan.run.name)
     rows = []
@@ -258,13 +263,19 @@ def _summary(scan: _Scan, cfg: DashboardConfig, n_dead: int) -> str:
 
 
 def build_dashboard(run: str | Path, cfg: DashboardConfig) -> dict:
-    """Write the dashboard of `run` into `cfg.out`; returns a summary (paths, counts, seconds per stage)."""
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
+    """Write the dashboard of `run` into `cfg.out` (absent, empty, or a dashboard vsae wrote, which is replaced
+    whole); returns a summary (paths, counts, seconds per stage)."""
     run = Path(run)
     out = Path(cfg.out)
     if cfg.contexts < 1 or cfg.quantile_samples < 0 or cfg.quantile_bands < 1:
         raise ValueError("--contexts and --quantile-bands must be >= 1, --quantile-samples >= 0")
+    with claim(out, is_dashboard, "dashboard", DASHBOARD_META, DashboardError):
+        return _build(run, out, cfg)
+
+
+def _build(run: Path, out: Path, cfg: DashboardConfig) -> dict:
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
     scan = _scan(run, cfg)
     times["gather"] = time.perf_counter() - t0
 
@@ -282,14 +293,18 @@ def build_dashboard(run: str | Path, cfg: DashboardConfig) -> dict:
     extras = LatentExtras(run_name=run.name, neighbour_cos=cos, neighbour_ids=nb_ids, logits=logits,
                           ablation=ablation, tsne=tsne_pos or None, n_bands=cfg.quantile_bands,
                           per_band=cfg.quantile_samples)
-    rows = _write_latents(out, scan, text, extras, tsne_maps)
     n_dead = int(scan.stats.dead.sum())
-    links = [(label, os.path.relpath(path, out)) for label, path in eval_figure_files(info)]
-    write_index(out, f"{run.name}: SAE dashboard", _summary(scan, cfg, n_dead), rows, _index_figures(scan, tsne_maps),
-                notices, links)
+    links = [(label, os.path.relpath(path, out)) for label, path in eval_figure_files(info)]  # from the final place
     meta = {"run": str(run.resolve()), "run_name": run.name, "cache": str(Path(cfg.cache).resolve()),
             "cache_hash": manifest_hash(scan.manifest), "n_tokens": scan.n_rows, "latents": scan.latents.tolist(),
             "n_dead": n_dead, "settings": asdict(cfg)}
-    write_text(out / DASHBOARD_META, json.dumps(meta) + "\n")
+
+    def write(tmp: Path) -> None:
+        rows = _write_latents(tmp, scan, text, extras, tsne_maps)
+        write_index(tmp, f"{run.name}: SAE dashboard", _summary(scan, cfg, n_dead), rows,
+                    _index_figures(scan, tsne_maps), notices, links)
+        write_text(tmp / DASHBOARD_META, json.dumps(meta) + "\n")
+
+    replace_dir(out, write, is_dashboard, "dashboard", DashboardError)
     times["write"] = time.perf_counter() - t
     return {"out": str(out), "latents": scan.latents.numel(), "dead": n_dead, "tokens": scan.n_rows, "seconds": times}

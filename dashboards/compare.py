@@ -1,9 +1,13 @@
 """`vsae compare`: N runs side by side on one self-contained page.
 
-Config differences, a metric table (eval.json's core, density, SCR/TPP at each N, independence; latent densities
-measured here on the cache's held-out tokens), overlaid density histograms, training curves from log.jsonl, the
-eval t-SNE maps side by side and the joint map, and latents matched across runs by decoder cosine (best match,
-its cosine, a histogram of best-match cosines, links into each run's dashboard when given).
+First the answer: a summary of the registry's headline metrics (the best run marked, the direction of "better"
+stated, differences within overlapping intervals marked not significant) and the sparsity-fidelity frontier (L0
+against explained variance and CE score, dead fraction against k, one point per run). Then config differences,
+the metric tables, one per metric group (eval.json's core, density, SCR/TPP at each N, independence; latent
+densities measured here on the cache's held-out tokens), overlaid density histograms, training curves from
+log.jsonl, the eval t-SNE maps side by side and the joint map, and latents matched across runs by decoder cosine
+(each run against the first of its group: best match, its cosine, a histogram of best-match cosines, links into
+each run's dashboard when given). Figures are drawn when they scroll into view, so a page of 90 runs opens fast.
 
 Runs are grouped by (model, hook, d_in): decoder rows and densities are compared only within a group, and the
 page says so when there is more than one group.
@@ -17,24 +21,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from activations.atomic import write_text_atomic
 from activations.cache import manifest_hash, read_manifest
 from activations.loader import ActivationLoader
 from dashboards.assets import CSS
 from dashboards.build import DASHBOARD_META, DashboardError
 from dashboards.feature_pages import LATENT_PAGE
-from dashboards.figures import best_match_figure, density_histogram_figure, training_curves_figure, tsne_figure
-from dashboards.html import esc, figure_data, fmt, inline_assets, page, script_json, table, write_text
-from dashboards.run_info import eval_density_histogram, eval_tsne_maps, flat_scalars
+from dashboards.figures import (
+    COLORS,
+    LAYOUT,
+    best_match_figure,
+    density_histogram_figure,
+    frontier_figure,
+    training_curves_figure,
+    tsne_figure,
+)
+from dashboards.html import (
+    esc,
+    figure_data,
+    fmt,
+    generator_meta,
+    inline_assets,
+    page,
+    plotly_text,
+    script_json,
+    table,
+)
+from dashboards.run_info import eval_density_histogram, eval_tsne_maps
 from dashboards.weights import DECODER_COSINE_DEFINITION, best_matches
+from evals.registry import BETTER, GROUPS, N_VALUES, Headline
 from vsae.checkpoint import SAEWeights, read_sae
 from vsae.firing import DENSE_THRESHOLD, FiringCounter, log10_density_histogram, special_ids, special_mask
-from vsae.run import RunDir, read_run
+from vsae.outputs import claim
+from vsae.run import RunDir, read_json, read_run
 
-METRIC_GROUPS = ("core", "density", "scr", "tpp", "independence")
 MATCH_THRESHOLD = 0.9
+OPEN_RUNS = 6  # up to this many runs, per-run parts of the page (run list, t-SNE maps) start unfolded
+GENERATOR = "vsae compare"  # the page's <meta name="generator">: vsae replaces only a file that has it
 
 
 @dataclass
@@ -49,6 +76,9 @@ class CompareConfig:
         "help": "held-out cache rows on which latent densities are measured"})
     matches: int = field(default=100, metadata={
         "help": "rows of the matched-latents table (the densest latents of each group's first run)"})
+    n: int = field(default=20, metadata={
+        "help": f"N (latents ablated) at which the summary ranks runs by SCR and TPP; one of "
+                f"{', '.join(map(str, N_VALUES))}"})
     batch_size: int = field(default=4096, metadata={"help": "rows per batch"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     progress: bool = field(default=True, metadata={"help": "progress bar"})
@@ -67,6 +97,23 @@ class Run:
     @property
     def name(self) -> str:
         return self.info.name
+
+
+def is_compare_page(path: Path) -> bool:
+    """Whether the file `path` is a compare page vsae wrote: its head has the generator mark (or, from versions
+    before the mark, vsae's title)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return generator_meta(GENERATOR) in head or "<title>vsae compare: " in head
+
+
+def _plot(fig_id: str) -> str:
+    """A figure's place on the page; `data-lazy`: the page script draws it when it nears the viewport (or its
+    <details> opens), so a page of many runs and figures opens at once."""
+    return f'<div class="plot" id="{esc(fig_id)}" data-lazy></div>'
 
 
 def _key_label(key: tuple) -> str:
@@ -149,6 +196,23 @@ def _latent_link(r: Run, latent: int, out_dir: Path) -> str:
     return str(latent)
 
 
+def _differing(configs: list[dict]) -> list[str]:
+    """The config keys whose values differ between runs (the runs' switches), sorted."""
+    keys = sorted({k for c in configs for k in c})
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
+
+
+def _config_text(v) -> str:
+    return json.dumps(v, default=str) if isinstance(v, list | dict) else str(v)
+
+
+def _switches(runs: list[Run]) -> list[dict[str, str]]:
+    """Per run, its value of every config key that differs between the runs (as text)."""
+    configs = [r.info.config() for r in runs]
+    differ = _differing(configs)
+    return [{k: _config_text(c.get(k)) for k in differ} for c in configs]
+
+
 def _config_section(runs: list[Run]) -> str:
     configs = [r.info.config() for r in runs]
     keys = sorted({k for c in configs for k in c})
@@ -157,54 +221,272 @@ def _config_section(runs: list[Run]) -> str:
     def cell(v) -> str:
         return fmt(v) if not isinstance(v, list | dict) else esc(json.dumps(v))
 
-    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
+    differ = _differing(configs)
     rows = [[esc(k)] + [cell(c.get(k)) for c in configs] for k in differ]
     same = [[esc(k)] + [cell(c.get(k)) for c in configs] for k in keys if k not in differ]
-    diff_html = table(rows, head, cls="data") if rows else '<p class="muted">No configuration differences.</p>'
+    diff_html = (_wide(table(rows, head, cls="data wide")) if rows
+                 else '<p class="muted">No configuration differences.</p>')
     return (f"<h2>Configuration differences</h2>{diff_html}"
-            f"<details><summary>settings shared by all runs ({len(same)})</summary>{table(same, head, cls='data')}"
-            f"</details>")
+            f"<details><summary>settings shared by all runs ({len(same)})</summary>"
+            f"{_wide(table(same, head, cls='data wide'))}</details>")
 
 
-def _headline(group: str, metrics: dict) -> list[tuple[str, object]]:
-    """The numbers of one eval.json metric group worth a row: top-level scalars (and one level below), for
-    SCR/TPP their `metrics` (the score at each N) and means, not probe accuracies or rankings."""
-    if group in ("scr", "tpp"):
-        top = [(k, v) for k, v in metrics.items() if not isinstance(v, dict | list)]
-        return top + flat_scalars(metrics.get("metrics") or {}, depth=0)
-    return flat_scalars(metrics, depth=1)
+def _wide(html_table: str) -> str:
+    """A table that may be wider than the page (a column per run), scrolling sideways on its own."""
+    return f'<div class="scroll">{html_table}</div>'
+
+
+# --- the summary: which run is better ----------------------------------------------------------------------------
+
+BEST = "best"
+NOT_SIGNIFICANT = "not significant"
+NO_INTERVAL = "no interval: significance not assessed"
+BEST_LISTED = 3  # tied best runs named in the "best run" column; the rest counted
+
+
+@dataclass
+class HeadlineRow:
+    """One headline metric across the runs: values, intervals, the best run(s) and each run's mark."""
+
+    group: str
+    headline: Headline
+    values: list[float | None]
+    intervals: list[tuple[float, float] | None]
+    best: list[int]  # indices of the runs with the best value (ties all marked); [] without a direction
+    marks: list[str]  # per run: BEST, NOT_SIGNIFICANT, NO_INTERVAL, or "" (none applies, or a difference whose
+    # interval is disjoint from the best run's)
+    note: str  # the row's significance statement (or why it has no direction)
+
+
+def headline_rows(metrics: list[dict], n: int) -> list[HeadlineRow]:
+    """The summary rows of the registry's headlines (registry order) over runs' eval.json `metrics` blocks, N for
+    metrics measured at several N. A headline no run has is left out."""
+    rows = []
+    for group in GROUPS:
+        for h in group.headlines:
+            read = [h.read(m[group.name], n) if isinstance(m.get(group.name), dict) else (None, None)
+                    for m in metrics]
+            if all(v is None for v, _ in read):
+                continue
+            rows.append(_rank(group.name, h, [v for v, _ in read], [i for _, i in read]))
+    return rows
+
+
+def _rank(group: str, h: Headline, values: list[float | None], intervals: list[tuple[float, float] | None]
+          ) -> HeadlineRow:
+    marks = [""] * len(values)
+    present = [v for v in values if v is not None]
+    if h.better not in BETTER:
+        return HeadlineRow(group, h, values, intervals, [], marks, h.why)
+    target = max(present) if h.better == "higher" else min(present)
+    best = [i for i, v in enumerate(values) if v == target]
+    ref = intervals[best[0]]
+    for i, v in enumerate(values):
+        if i in best:
+            marks[i] = BEST
+        elif v is None:
+            continue
+        elif ref is None or intervals[i] is None:
+            marks[i] = NO_INTERVAL
+        elif intervals[i][0] <= ref[1] and ref[0] <= intervals[i][1]:
+            marks[i] = NOT_SIGNIFICANT
+    others = [i for i, v in enumerate(values) if v is not None and i not in best]
+    if not others:
+        note = "only one run has this number" if len(best) == 1 else "equal in every run that has it"
+    elif all(marks[i] == NO_INTERVAL for i in others):
+        note = NO_INTERVAL
+    elif any(marks[i] == NO_INTERVAL for i in others):
+        note = (f"intervals overlapping the best run's: {NOT_SIGNIFICANT}; runs without an interval: significance "
+                "not assessed")
+    else:
+        note = f"differences whose intervals overlap the best run's are marked {NOT_SIGNIFICANT}"
+    return HeadlineRow(group, h, values, intervals, best, marks, note)
+
+
+def _cache_note(runs: list[Run]) -> tuple[list[str], str]:
+    """(a tag per run naming its eval cache, empty when all agree; the summary's warning, empty when all agree)."""
+    hashes = [(r.info.eval or {}).get("cache_hash") for r in runs]
+    distinct = list(dict.fromkeys(h for h in hashes if h))
+    missing = [_label(r) for r, h in zip(runs, hashes, strict=True) if not h]
+    parts = []
+    tags = [""] * len(runs)
+    if len(distinct) > 1:
+        for j, h in enumerate(distinct, 1):
+            names = [_label(r) for r, x in zip(runs, hashes, strict=True) if x == h]
+            parts.append(f"cache {j} (hash {str(h)[:12]}): {', '.join(names)}")
+        tags = [f"cache {distinct.index(h) + 1}" if h else "" for h in hashes]
+        warn = ("These runs were evaluated on different caches, so their numbers are not measured on the same "
+                "tokens and the best marks compare unlike things: " + "; ".join(parts) + ".")
+    else:
+        warn = ""
+    if missing:
+        warn += (" " if warn else "") + f"No eval.json (or no cache hash in it): {', '.join(missing)}."
+    return tags, warn
+
+
+def _summary_cell(row: HeadlineRow, i: int) -> str:
+    v, interval, mark = row.values[i], row.intervals[i], row.marks[i]
+    if v is None:
+        return '<td class="num muted">n/a</td>'
+    text = fmt(v)
+    if interval is not None:
+        text += f' <span class="ival">[{fmt(interval[0], 3)}, {fmt(interval[1], 3)}]</span>'
+    cls = {BEST: "best", NOT_SIGNIFICANT: "ns"}.get(mark, "")
+    # where no run has an interval the row's note says so once, not in every cell
+    tag = {BEST: "\u2605 best", NOT_SIGNIFICANT: NOT_SIGNIFICANT,
+           NO_INTERVAL: "" if row.note == NO_INTERVAL else "no interval"}.get(mark, "")
+    if tag:
+        text += f' <span class="mark">{esc(tag)}</span>'
+    title = {NO_INTERVAL: NO_INTERVAL, NOT_SIGNIFICANT: "its interval overlaps the best run's",
+             "": "its interval is disjoint from the best run's" if row.best and interval else ""}.get(mark, "")
+    title_attr = f' title="{esc(title)}"' if title else ""
+    return f'<td class="num {cls}"{title_attr}>{text}</td>'
+
+
+def _summary_section(runs: list[Run], n: int) -> str:
+    rows = headline_rows([r.info.metrics for r in runs], n)
+    tags, warn = _cache_note(runs)
+    head = ["metric", "better", "best run", "significance"] + [
+        esc(_label(r)) + (f' <span class="muted">({esc(t)})</span>' if t else "") for r, t in zip(runs, tags,
+                                                                                               strict=True)]
+    body = []
+    for row in rows:
+        group = next(g for g in GROUPS if g.name == row.group)
+        definition = group.definitions.get(row.headline.key) or group.definitions.get(row.group) or ""
+        title = f' title="{esc(definition)}"' if definition else ""
+        best = ", ".join(f"{esc(_label(runs[i]))} ({fmt(row.values[i])})" for i in row.best[:BEST_LISTED])
+        if len(row.best) > BEST_LISTED:
+            best += f" and {len(row.best) - BEST_LISTED} more (tied)"
+        best = best or "\u2014"
+        better = BETTER.get(row.headline.better or "", "no better direction")
+        cells = "".join(_summary_cell(row, i) for i in range(len(runs)))
+        body.append(f"<tr><td{title}>{esc(row.headline.title(n))}</td><td>{esc(better)}</td>"
+                    f'<td class="bestrun">{best}</td><td class="note">{esc(row.note)}</td>{cells}</tr>')
+    present = {row.group for row in rows}
+    absent = [g.name for g in GROUPS if g.headlines and g.name not in present]
+    missing = (f'<p class="muted">Not in these runs\' eval.json: {esc(", ".join(absent))} (<code>vsae eval RUN '
+               f'--metrics {esc(",".join(absent))}</code> adds them).</p>') if absent else ""
+    thead = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+    table_html = (_wide(f'<table class="data wide summary">{thead}{"".join(body)}</table>') if body
+                  else '<p class="muted">No headline metric in these runs\' eval.json.</p>')
+    return (f'<h2 id="summary">Summary: which run is better</h2>'
+            f'<p class="note">One row per headline metric (SCR and TPP at N = {n}); \u2605 marks the best run in the '
+            f"stated direction. Where eval.json gives intervals, a run whose interval overlaps the best run's is "
+            f"marked {NOT_SIGNIFICANT}; where it gives none, significance is not assessed. Hover a metric for its "
+            f"definition.</p>"
+            + (f'<p class="warn">{esc(warn)}</p>' if warn else "") + table_html + missing)
+
+
+# --- the sparsity-fidelity frontier -------------------------------------------------------------------------------
+
+FRONTIER = (("l0", "explained_variance", ("L0", "explained variance"), "L0 against explained variance"),
+            ("l0", "ce_score", ("L0", "CE score"), "L0 against CE score"),
+            ("k", "dead_fraction", ("k", "dead fraction"), "dead fraction against k"))
+
+
+def _finite(value) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value) \
+        else None
+
+
+def frontier_points(runs: list[Run]) -> list[dict]:
+    """One point per run for the frontier plots: its name, switches, variant (the colour) and numbers."""
+    points = []
+    for r, switches in zip(runs, _switches(runs), strict=True):
+        core, density = r.info.metrics.get("core"), r.info.metrics.get("density")
+        core = core if isinstance(core, dict) else {}
+        density = density if isinstance(density, dict) else {}
+        points.append({"name": _label(r), "switches": switches,
+                       "group": str(r.info.config().get("sae.variant") or r.info.cfg.get("architecture") or ""),
+                       "l0": _finite(core.get("l0")), "explained_variance": _finite(core.get("explained_variance")),
+                       "ce_score": _finite(core.get("ce_score")),
+                       "dead_fraction": _finite(density.get("dead_fraction")), "k": r.sae.k})
+    return points
+
+
+def _frontier_section(runs: list[Run], figures: list) -> str:
+    points = frontier_points(runs)
+    cells, left_out = [], []
+    for x, y, titles, title in FRONTIER:
+        fig_id = f"fig-frontier-{len(figures)}"
+        figures.append([fig_id, figure_data(frontier_figure(points, x, y, titles, title)), False])
+        cells.append(_plot(fig_id))
+        missing = [p["name"] for p in points if p[x] is None or p[y] is None]
+        if missing:
+            left_out.append(f"{title}: {', '.join(missing)}")
+    note = (f'<p class="note">Not plotted (no value in eval.json): {esc("; ".join(left_out))}.</p>'
+            if left_out else "")
+    return ("<h2>Sparsity-fidelity frontier</h2>"
+            '<p class="note">One point per run (eval.json\'s core and density groups); hover a point for the run and '
+            "its switches (the settings that differ between runs). Up and to the left is better on the first two; "
+            "L0 is set by k for TopK encoders.</p>"
+            f'<div class="side">{"".join(cells)}</div>{note}')
+
+
+# --- the metric tables, one per metric group -------------------------------------------------------------------
+
+PAGE_DEFINITIONS = {
+    "cache.dead_fraction": "fraction of latents that never fire on the held-out cache rows this page reads "
+                           "(special tokens dropped, as vsae eval counts them)",
+    "cache.dense_fraction": f"fraction of latents with density > {DENSE_THRESHOLD} on those rows",
+    "d_sae": "number of latents",
+    "k": "latents kept per token by the TopK encoder",
+    "train (last log)": "the trainer's last log.jsonl line (training batches, not held-out rows)",
+}
+
+
+def _group_table(title: str, rows: list[tuple[str, str, list]], runs: list[Run], open_: bool = True) -> str:
+    """A collapsible metric table: rows of (label, definition, value per run)."""
+    head = ["metric"] + [esc(_label(r)) for r in runs]
+    body = []
+    for label, definition, values in rows:
+        title_attr = f' title="{esc(definition)}"' if definition else ""
+        body.append(f"<tr><td{title_attr}>{esc(label)}</td>" + "".join(f'<td class="num">{fmt(v)}</td>'
+                                                                       for v in values) + "</tr>")
+    thead = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+    table_html = _wide('<table class="data wide">' + thead + "".join(body) + "</table>")
+    return (f'<details class="group"{" open" if open_ else ""}><summary>{esc(title)} '
+            f'<span class="muted">({len(rows)} rows)</span></summary>{table_html}</details>')
 
 
 def _metric_section(runs: list[Run], n_density: int) -> str:
-    names: list[str] = []
-    values: list[dict] = []
-    for r in runs:
-        m = r.info.metrics
-        flat = {}
-        for group in METRIC_GROUPS:
-            g = m.get(group)
-            if isinstance(g, dict):
-                flat.update({f"{group}.{k}": v for k, v in _headline(group, g) if not isinstance(v, str)})
-        if r.density is not None:
-            flat[f"cache.dead_fraction ({n_density:,} held-out tokens)"] = float((r.density == 0).mean())
-            flat[f"cache.dense_fraction (> {DENSE_THRESHOLD}, {n_density:,} tokens)"] = float(
-                (r.density > DENSE_THRESHOLD).mean())
-        flat["d_sae"] = r.sae.d_sae
-        flat["k"] = r.sae.k
-        if r.info.log:
-            for k in ("mse", "l0", "dead_fraction"):
-                if k in r.info.log[-1]:
-                    flat[f"train (last log).{k}"] = r.info.log[-1][k]
-        values.append(flat)
-        names += [k for k in flat if k not in names]
-    head = ["metric"] + [esc(_label(r)) for r in runs]
-    rows = [[esc(k)] + [fmt(v.get(k)) for v in values] for k in names]
+    parts = []
+    for group in GROUPS:
+        if group.compare_rows is None:
+            continue
+        per_run = []
+        for r in runs:
+            result = r.info.metrics.get(group.name)
+            per_run.append({k: v for k, v in group.compare_rows(result) if not isinstance(v, str)}
+                           if isinstance(result, dict) else {})
+        keys = list(dict.fromkeys(k for values in per_run for k in values))
+        if not keys:
+            continue
+        rows = [(f"{group.name}.{k}",
+                 group.definitions.get(k) or group.definitions.get(k.split(".")[0]) or group.definitions.get(
+                     group.name) or "", [values.get(k) for values in per_run]) for k in keys]
+        parts.append(_group_table(group.name, rows, runs))
+    measured = [r for r in runs if r.density is not None]
+    if measured:
+        dead = [float((r.density == 0).mean()) if r.density is not None else None for r in runs]
+        dense = [float((r.density > DENSE_THRESHOLD).mean()) if r.density is not None else None for r in runs]
+        parts.append(_group_table(f"measured here on {n_density:,} held-out cache tokens", [
+            ("cache.dead_fraction", PAGE_DEFINITIONS["cache.dead_fraction"], dead),
+            ("cache.dense_fraction", PAGE_DEFINITIONS["cache.dense_fraction"], dense)], runs))
+    parts.append(_group_table("size", [("d_sae", PAGE_DEFINITIONS["d_sae"], [r.sae.d_sae for r in runs]),
+                                       ("k", PAGE_DEFINITIONS["k"], [r.sae.k for r in runs])], runs))
+    last = [r.info.log[-1] if r.info.log else {} for r in runs]
+    logged = [(f"train (last log).{k}", PAGE_DEFINITIONS["train (last log)"], [line.get(k) for line in last])
+              for k in ("mse", "l0", "dead_fraction") if any(k in line for line in last)]
+    if logged:
+        parts.append(_group_table("training (last log.jsonl line)", logged, runs))
     hashes = {r.info.eval.get("cache_hash") for r in runs if r.info.eval}
     note = ""
     if len(hashes) > 1:
         note = ('<p class="warn">The eval.json files were computed on different caches; their metrics are not '
                 "measured on the same tokens.</p>")
-    return f"<h2>Metrics</h2>{note}{table(rows, head, cls='data')}"
+    return ("<h2>Metrics</h2>" + note + '<p class="note">One table per metric group of eval.json, in the registry\'s '
+            "order; hover a metric for its definition.</p>" + "".join(parts))
 
 
 def _match_section(group: list[Run], out_dir: Path, cfg: CompareConfig, figures: list) -> str:
@@ -254,12 +536,54 @@ def _match_section(group: list[Run], out_dir: Path, cfg: CompareConfig, figures:
     return (f'<p class="note">{esc(DECODER_COSINE_DEFINITION)}: for each latent of {esc(_label(ref))}, the latent '
             f"of each other run whose decoder row is most similar. Mutual: the match's own best match is the "
             f"latent itself. Where densities were measured, only alive latents are matched.</p>"
-            f"{summary}<div class=\"plot\" id=\"{fig_id}\"></div>"
+            f"{summary}{_plot(fig_id)}"
             f"<h3>The {len(order)} {which} latents of {esc(_label(ref))} and their best matches</h3>"
             f"{table(rows, head, cls='data')}")
 
 
-def _tsne_section(runs: list[Run], out_dir: Path, figures: list) -> str:
+def _joint_tsne(runs: list[Run]) -> tuple[dict, list[str]] | None:
+    """(coordinates, names of the runs it covers) of a joint decoder map that eval.json lists for two or more of
+    `runs`. Only its coordinates are read (inside the run directory), never an HTML file it names: the page draws
+    every figure itself, so nothing an input names runs in it."""
+    names = {str(r.info.path) for r in runs} | {str(r.info.path.resolve()) for r in runs}
+    for r in runs:
+        entry = (r.info.metrics.get("tsne") or {}).get("joint")
+        if not isinstance(entry, dict) or not isinstance(entry.get("runs"), list):
+            continue
+        listed = [x for x in entry["runs"] if isinstance(x, str)]
+        if sum(1 for x in listed if x in names or str(Path(x).resolve()) in names) < 2:
+            continue
+        path = r.info.figure_file(entry.get("coordinates"))
+        doc = read_json(path) if path else {}
+        ids, labels = doc.get("latent_ids"), doc.get("runs")
+        if not (isinstance(ids, list) and isinstance(labels, list) and len(ids) == len(labels)):
+            continue
+        try:
+            coords = np.asarray(doc.get("coords"), dtype=float).reshape(len(ids), 2)
+        except (TypeError, ValueError):
+            continue  # not the coordinates eval writes
+        return {**doc, "coords": coords}, [Path(x).name for x in listed]
+    return None
+
+
+def _joint_tsne_figure(doc: dict, title: str) -> go.Figure:
+    """The joint decoder map (coords [n, 2], a run label per point), one colour per run; the latent id is each point's
+    customdata."""
+    coords, labels = doc["coords"], [str(x) for x in doc["runs"]]
+    fig = go.Figure()
+    for i, name in enumerate(dict.fromkeys(labels)):
+        keep = [j for j, label in enumerate(labels) if label == name]
+        fig.add_trace(go.Scattergl(x=coords[keep, 0].astype(np.float32), y=coords[keep, 1].astype(np.float32),
+                                   mode="markers", name=plotly_text(name),
+                                   marker={"size": 4, "color": COLORS[i % len(COLORS)]},
+                                   customdata=[doc["latent_ids"][j] for j in keep],
+                                   hovertemplate="latent %{customdata}"))
+    fig.update_layout(title={"text": plotly_text(title)}, xaxis={"visible": False}, yaxis={"visible": False},
+                      **LAYOUT)
+    return fig
+
+
+def _tsne_section(runs: list[Run], figures: list) -> str:
     maps = {r.name: eval_tsne_maps(r.info) for r in runs}
     kinds = [k for k in ("activations", "decoder") if any(k in m for m in maps.values())]
     parts = []
@@ -272,23 +596,18 @@ def _tsne_section(runs: list[Run], out_dir: Path, figures: list) -> str:
                 continue
             fig_id = f"fig-tsne-{len(figures)}"
             figures.append([fig_id, figure_data(tsne_figure(m, f"{_label(r)}: {kind}")), False])
-            cells.append(f'<div class="plot" id="{fig_id}"></div>')
-        parts.append(f"<h3>t-SNE of {esc(kind)}</h3><div class=\"side\">{''.join(cells)}</div>")
-    names = {str(r.info.path) for r in runs} | {str(r.info.path.resolve()) for r in runs}
-    joint = None
-    for r in runs:
-        entry = (r.info.metrics.get("tsne") or {}).get("joint")
-        if isinstance(entry, dict) and (path := r.info.figure_file(entry.get("figure"))):
-            covered = sum(1 for x in entry.get("runs") or [] if x in names or str(Path(x).resolve()) in names)
-            if covered >= 2:
-                joint = (path, entry)
-                break
+            cells.append(_plot(fig_id))
+        # Many runs make many maps: folded away (and drawn only when opened) past a handful.
+        parts.append(f'<details{" open" if len(runs) <= OPEN_RUNS else ""}><summary>t-SNE of {esc(kind)} '
+                     f'<span class="muted">({len(cells)} runs)</span></summary><div class="side">{"".join(cells)}'
+                     "</div></details>")
+    joint = _joint_tsne(runs)
     if joint:
-        href = os.path.relpath(joint[0], out_dir)
-        parts.append(f'<h3>Joint decoder t-SNE</h3><p class="note">From vsae eval of '
-                     f'{esc(", ".join(Path(x).name for x in joint[1].get("runs") or []))} '
-                     f'(<a href="{esc(href)}">open</a>).</p><iframe class="fig" src="{esc(href)}" '
-                     f'title="joint t-SNE"></iframe>')
+        doc, named = joint
+        fig_id = f"fig-tsne-{len(figures)}"
+        figures.append([fig_id, figure_data(_joint_tsne_figure(doc, "decoder rows of " + ", ".join(named))), False])
+        parts.append(f'<h3>Joint decoder t-SNE</h3><p class="note">From vsae eval of {esc(", ".join(named))}.</p>'
+                     + _plot(fig_id))
     else:
         parts.append('<p class="muted">No joint t-SNE map: evaluate the runs together '
                      "(<code>vsae eval RUN_A RUN_B --metrics density,tsne</code>) to make one.</p>")
@@ -343,7 +662,7 @@ def _density_section(groups: dict[tuple, list[Run]], n_density: int, figures: li
             if len(groups) > 1:
                 title += f" ({_key_label(key)})"
             figures.append([fig_id, figure_data(density_histogram_figure(hists, title)), False])
-            dens_parts.append(f'<div class="plot" id="{fig_id}"></div>')
+            dens_parts.append(_plot(fig_id))
     return "<h2>Latent density</h2>" + ("".join(dens_parts) or '<p class="muted">No densities.</p>')
 
 
@@ -363,14 +682,27 @@ def _runs_table(runs: list[Run], out_dir: Path) -> str:
     run_rows = [[esc(_label(r)), esc(str(r.info.path)), esc(_key_label(r.key)),
                  (f'<a href="{esc(os.path.relpath(r.dashboard / "index.html", out_dir))}">dashboard</a>'
                   if r.dashboard else '<span class="muted">none given</span>')] for r in runs]
-    return table(run_rows, ['run', 'path', 'activations', 'dashboard'], cls='data')
+    listing = table(run_rows, ["run", "path", "activations", "dashboard"], cls="data")
+    return (f'<details{" open" if len(runs) <= OPEN_RUNS else ""}><summary>the {len(runs)} runs: paths, '
+            f"activations, dashboards</summary>{listing}</details>")
 
 
 def compare_runs(paths: list[str | Path], cfg: CompareConfig) -> dict:
-    """Write the comparison page of `paths` to `cfg.out`; returns a summary."""
+    """Write the comparison page of `paths` to `cfg.out` (a new file, or a compare page vsae wrote, replaced
+    atomically); returns a summary."""
     if len(paths) < 2:
         raise ValueError("vsae compare needs at least two runs")
+    if cfg.n not in N_VALUES:
+        raise ValueError(f"--n {cfg.n}: SCR and TPP are measured at N in {', '.join(map(str, N_VALUES))}")
     out = Path(cfg.out)
+    if out.is_dir():
+        raise DashboardError(f"--out {out} is a directory; give the page's file name, e.g. {out / 'compare.html'}")
+    with claim(out, is_compare_page, "compare page", f"<meta name=\"generator\" content=\"{GENERATOR}\">",
+               DashboardError):
+        return _compare(paths, out, cfg)
+
+
+def _compare(paths: list[str | Path], out: Path, cfg: CompareConfig) -> dict:
     out_dir = out.parent
     manifest = read_manifest(cfg.cache)
     settings = manifest["settings"]
@@ -382,20 +714,24 @@ def compare_runs(paths: list[str | Path], cfg: CompareConfig) -> dict:
     n_density = _densities(measured, cfg.cache, cfg)
 
     figures: list = []
+    answer = _summary_section(runs, cfg.n) + _frontier_section(runs, figures)
     sections = [_config_section(runs), _metric_section(runs, n_density), _density_section(groups, n_density, figures)]
     curves = training_curves_figure({_label(r): r.info.log for r in runs if r.info.log})
     if curves is not None:
         figures.append(["fig-curves", figure_data(curves), False])
-        sections.append('<h2>Training curves (log.jsonl)</h2><div class="plot" id="fig-curves"></div>')
-    sections.append(_tsne_section(runs, out_dir, figures))
+        sections.append("<h2>Training curves (log.jsonl)</h2>" + _plot("fig-curves"))
+    sections.append(_tsne_section(runs, figures))
     sections.append(_matches(groups, out_dir, cfg, figures))
 
     notice_html = "".join(f'<p class="warn">{esc(n)}</p>' for n in notices)
-    body = (f"<h1>Comparison of {len(runs)} runs</h1>{notice_html}{_runs_table(runs, out_dir)}"
+    body = (f"<h1>Comparison of {len(runs)} runs</h1>{notice_html}{answer}<h2>Runs</h2>{_runs_table(runs, out_dir)}"
             f'<p class="note">Cache: {esc(cfg.cache)} (hash {esc(manifest_hash(manifest))}).</p>'
             + "".join(sections))
     plotly_js, vsae_js = inline_assets()
-    html_text = page(f"vsae compare: {', '.join(_label(r) for r in runs)}", body, css=CSS,
+    html_text = page(f"vsae compare: {', '.join(_label(r) for r in runs)}", body, css=CSS, generator=GENERATOR,
                      inline=(plotly_js, vsae_js, f"VSAE.figures({script_json(figures)});"))
-    write_text(out, html_text)
+    try:
+        write_text_atomic(out, html_text)
+    except OSError as e:
+        raise DashboardError(f"cannot write the compare page {out}: {e}") from e
     return {"out": str(out), "runs": len(runs), "groups": len(groups), "density_tokens": n_density}

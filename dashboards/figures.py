@@ -50,10 +50,12 @@ def tsne_figure(tsne: dict, title: str) -> go.Figure:
         colors = {k: v for k, v in (tsne.get("colors") or {}).items() if k not in ("cluster", "run")}
         name, values = next(iter(colors.items()), (None, None))
         marker = {"size": 4}
+        # float32 and int32 arrays: plotly writes them as packed binary, a third of the page that float64 would be
         if values is not None:
-            marker.update(color=[v if v is not None else math.nan for v in values], colorscale="Viridis",
-                          colorbar={"title": {"text": plotly_text(name)}, "thickness": 12})
-        fig.add_trace(go.Scattergl(x=coords[:, 0], y=coords[:, 1], mode="markers", marker=marker, customdata=ids,
+            marker.update(color=np.array([v if v is not None else math.nan for v in values], dtype=np.float32),
+                          colorscale="Viridis", colorbar={"title": {"text": plotly_text(name)}, "thickness": 12})
+        fig.add_trace(go.Scattergl(x=coords[:, 0].astype(np.float32), y=coords[:, 1].astype(np.float32),
+                                   mode="markers", marker=marker, customdata=np.asarray(ids, dtype=np.int32),
                                    hovertemplate="latent %{customdata}<extra></extra>", showlegend=False))
     fig.update_layout(title={"text": plotly_text(title)}, xaxis={"visible": False}, yaxis={"visible": False},
                       **LAYOUT)
@@ -85,11 +87,47 @@ def training_curves_figure(logs: dict[str, list[dict]]) -> go.Figure | None:
 
 
 def best_match_figure(cosines: dict[str, list[float]], title: str) -> go.Figure:
-    """Histograms of best-match decoder cosines, one per pair of runs, overlaid."""
+    """Histograms of best-match decoder cosines, one per pair of runs, overlaid as step lines. Binned here (bins of
+    0.02 over [-1, 1]), so a page comparing many runs carries counts, not every latent's cosine."""
+    edges = np.linspace(-1.0, 1.0, 101)
     fig = go.Figure()
     for i, (name, cos) in enumerate(cosines.items()):
-        fig.add_trace(go.Histogram(x=cos, name=plotly_text(name), opacity=0.6, xbins={"start": -1, "end": 1.0001,
-                                   "size": 0.02}, marker={"color": COLORS[i % len(COLORS)]}))
-    fig.update_layout(barmode="overlay", title={"text": plotly_text(title)}, xaxis_title="best-match cosine",
+        counts = np.histogram(np.clip(np.asarray(cos, dtype=float), -1.0, 1.0), bins=edges)[0].tolist()
+        fig.add_trace(go.Scatter(x=edges.tolist(), y=counts + counts[-1:], mode="lines", line_shape="hv",
+                                 name=plotly_text(name), line={"color": COLORS[i % len(COLORS)], "width": 1.5}))
+    fig.update_layout(title={"text": plotly_text(title)}, xaxis_title="best-match cosine",
                       yaxis_title="latents", legend={"orientation": "h", "y": -0.2}, **LAYOUT)
+    return fig
+
+
+def run_hover(name: str, switches: dict[str, str]) -> str:
+    """A run's hover text: its name, then one line per switch (a config key that differs between the runs),
+    escaped for plotly's label markup."""
+    return "<br>".join([f"<b>{plotly_text(name)}</b>"] + [plotly_text(f"{k} = {v}") for k, v in switches.items()])
+
+
+def frontier_figure(points: list[dict], x: str, y: str, axis_titles: tuple[str, str], title: str) -> go.Figure:
+    """One marker per run, `x` against `y` (keys of each point, both numbers; points lacking either are left out):
+    SAEBench's sparsity-fidelity plot. A point is {"name", "switches": {key: value text}, "group", x, y}; one
+    colour per group, and the hover names the run and its switches."""
+    shown = [p for p in points if p.get(x) is not None and p.get(y) is not None]
+    fig = go.Figure()
+    groups = list(dict.fromkeys(str(p.get("group") or "") for p in shown))
+    for i, group in enumerate(groups):
+        members = [p for p in shown if str(p.get("group") or "") == group]
+        fig.add_trace(go.Scatter(
+            x=[p[x] for p in members], y=[p[y] for p in members], mode="markers", name=plotly_text(group),
+            text=[run_hover(p["name"], p.get("switches") or {}) for p in members],
+            hovertemplate=f"%{{text}}<br>{plotly_text(axis_titles[0])} %{{x:.4g}}, "
+                          f"{plotly_text(axis_titles[1])} %{{y:.4g}}<extra></extra>",
+            marker={"size": 9, "color": COLORS[i % len(COLORS)], "line": {"width": 1, "color": "#fff"}}))
+    if not shown:
+        fig.add_annotation(text="no run has both numbers in its eval.json", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")
+    xs = [p[x] for p in shown]
+    log_x = bool(xs) and min(xs) > 0 and max(xs) / min(xs) >= 10
+    fig.update_layout(title={"text": plotly_text(title)}, xaxis={"title": {"text": plotly_text(axis_titles[0])},
+                                                               "type": "log" if log_x else "linear"},
+                      yaxis_title=plotly_text(axis_titles[1]), showlegend=any(groups),
+                      legend={"orientation": "h", "y": -0.2}, **LAYOUT)
     return fig

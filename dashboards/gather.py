@@ -93,12 +93,16 @@ class LatentStats:
         return LatentStats(**{k: v[positions] if torch.is_tensor(v) else v for k, v in fields.items()})
 
 
-def select_firings(vals: Tensor, idx: Tensor, position: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def select_firings(vals: Tensor, idx: Tensor, position: Tensor | None,
+                   counted: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(rows, latent positions, values) of the firings (vals > 0) of the selected latents.
 
     `position[i]` is latent i's position in the selection, -1 when not selected; None selects every latent.
+    `counted` [B] bool drops the firings of rows that do not count (special tokens); None keeps every row.
     """
     fired = vals > 0
+    if counted is not None:
+        fired &= counted[:, None]
     if position is not None:
         pos = position[idx]
         fired &= pos >= 0
@@ -129,15 +133,17 @@ class Gatherer:
         self._dense = _DenseBatch(L)
 
     @torch.no_grad()
-    def update(self, rows: Tensor, lat: Tensor, vals: Tensor, n_rows: int, first_row: int) -> None:
+    def update(self, rows: Tensor, lat: Tensor, vals: Tensor, n_rows: int, first_row: int,
+               n_counted: int | None = None) -> None:
         """Fold in one batch: firings (local row, latent position, value > 0) of `n_rows` cache rows.
 
-        The batch is rows `first_row .. first_row + n_rows - 1` of the cache: whole sequences.
+        The batch is rows `first_row .. first_row + n_rows - 1` of the cache: whole sequences. `n_counted` is how
+        many of them count for densities (special-token rows do not, as in `vsae eval`); default all.
         """
         if n_rows % self.R or first_row % self.R:
             raise ValueError(f"a batch must hold whole sequences of {self.R} rows (got {n_rows} rows at {first_row})")
         rows, lat, vals = rows.cpu(), lat.cpu(), vals.cpu().float()
-        self.n_tokens += n_rows
+        self.n_tokens += n_rows if n_counted is None else n_counted
         if rows.numel() == 0:
             return
         L = self.L

@@ -1,4 +1,4 @@
-"""HTML and data-file writing for the dashboards: escaping, the page skeleton, shared assets, atomic writes.
+"""HTML and data-file writing for the dashboards: escaping, the page skeleton, shared assets, file writes.
 
 Escaping rules, in one place:
 - text the server writes into HTML goes through `esc` (html.escape, quotes included);
@@ -15,9 +15,9 @@ from __future__ import annotations
 import html
 import json
 import math
+import shutil
 from pathlib import Path
 
-from activations.atomic import copy_atomic, write_text_atomic
 from dashboards.assets import CSS, JS
 
 ASSETS = "assets"
@@ -90,11 +90,19 @@ def figure_data(fig) -> dict:
     return finite(json.loads(fig.to_json()))
 
 
+def generator_meta(generator: str) -> str:
+    """The `<meta name="generator">` line that marks a page as vsae's (`vsae compare` checks it before replacing
+    a file)."""
+    return f'<meta name="generator" content="{esc(generator)}">'
+
+
 def page(title: str, body: str, *, scripts: tuple[str, ...] = (), inline: tuple[str, ...] = (),
-         css: str | None = None, plotly_src: str | None = None) -> str:
+         css: str | None = None, plotly_src: str | None = None, generator: str | None = None) -> str:
     """A whole HTML document. `scripts` are relative src paths; `inline` are script texts (data or code) placed
     after them, each already safe for a <script> element; `css` inlines the stylesheet instead of linking it;
-    `plotly_src` loads plotly.js last and asynchronously (the page script draws its plots once it is there)."""
+    `plotly_src` loads plotly.js last and asynchronously (the page script draws its plots once it is there);
+    `generator` marks the page as written by that vsae command (`generator_meta`)."""
+    meta = f"{generator_meta(generator)}\n" if generator else ""
     style = f"<style>{css}</style>" if css is not None else f'<link rel="stylesheet" href="{ASSETS}/vsae.css">'
     srcs = "".join(f'<script src="{esc(s)}"></script>\n' for s in scripts)
     codes = "".join(f"<script>{s}</script>\n" for s in inline)
@@ -102,13 +110,15 @@ def page(title: str, body: str, *, scripts: tuple[str, ...] = (), inline: tuple[
         codes += (f'<script src="{esc(plotly_src)}" async onload="VSAE.plotlyReady()" '
                   f'onerror="VSAE.plotlyError()"></script>\n')
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n{meta}'
             f"<title>{esc(title)}</title>\n{style}\n</head>\n<body>\n{body}\n{srcs}{codes}</body>\n</html>\n")
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a page or data file atomically (`activations.atomic`), making its directory if needed."""
-    write_text_atomic(path, text)
+    """Write a page or data file into a dashboard being built, making its directory if needed. A plain write: the
+    directory is new and swapped in whole once complete (`vsae.outputs.replace_dir`, which syncs every file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 def plotly_source() -> Path:
@@ -122,13 +132,11 @@ def plotly_source() -> Path:
 
 
 def install_assets(out: Path) -> None:
-    """Write the shared assets beside the pages: plotly.js (once), the stylesheet and the page script."""
+    """Write the shared assets beside the pages of a dashboard being built: plotly.js, the stylesheet and the page
+    script."""
     assets = out / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
-    src = plotly_source()
-    dst = assets / PLOTLY_JS
-    if not dst.is_file() or dst.stat().st_size != src.stat().st_size:
-        copy_atomic(src, dst)
+    shutil.copyfile(plotly_source(), assets / PLOTLY_JS)
     write_text(assets / "vsae.css", CSS)
     write_text(assets / "vsae.js", JS)
 

@@ -1,56 +1,36 @@
-"""`vsae eval`: read runs and a cache, compute the requested metrics, write eval.json and figures.
+"""`vsae eval`: read runs and a cache, run the requested metric groups, write eval.json and figures.
 
-All I/O of the evaluation lives here; the metrics themselves are tensor
-functions in the sibling modules. Several runs are evaluated on the same
-held-out tokens, read once.
+All I/O of the evaluation lives here and in `evals.context`; what each group computes is declared in
+`evals.registry`, and the metrics themselves are tensor functions in the sibling modules. Several runs are
+evaluated on the same held-out tokens, read once. A run's eval.json and figures are written aside and swapped in
+together, so a killed eval leaves the previous complete result.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
+import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from activations.atomic import write_text_atomic
-from activations.cache import manifest_hash, read_manifest, sequence_tokens
-from activations.loader import ActivationLoader, split_sequences
-from activations.models import load_model, source_from_manifest, special_token_ids
-from evals.figures import write_figure
-from vsae.checkpoint import CheckpointError, SAEWeights, read_sae
+from activations.atomic import fsync_dir
+from activations.cache import manifest_hash, read_manifest
+from activations.guard import DirLock
+from activations.loader import ActivationLoader
+from activations.models import load_model, source_from_manifest
+from evals import registry
+from evals.context import EvalContext, EvalError, StreamStats, write_json
+from evals.metrics import CoreAccumulator
+from vsae.checkpoint import CFG_FILENAME, SAEWeights, read_sae
 from vsae.code import TopKCode
 from vsae.firing import FiringCounter, special_ids, special_mask
-from vsae.run import DENSITY_FIGURE, EVAL_JSON, FIGURES_DIR, read_run, read_trainer_state
-
-N_VALUES = (2, 5, 10, 20, 50, 100, 500)
-METRICS = ("core", "density", "ablation", "tpp", "scr", "independence", "tsne")
-
-DEFINITIONS = {
-    "l0": "mean over eval tokens of the number of nonzero latents",
-    "mse": "mean over eval tokens of ||x - x_hat||^2 summed over dimensions, in raw activation units (SAELens)",
-    "explained_variance": "global: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all eval tokens, float64",
-    "explained_variance_legacy": "SAELens/SAEBench per-token form (see evals/metrics.py)",
-    "cosine_similarity": "mean over tokens of cos(x, x_hat)",
-    "relative_reconstruction_bias": "SAELens: mean ||x_hat||^2 / mean <x, x_hat>, averaged over batches",
-    "ce_score": "(CE_zero - CE_sae) / (CE_zero - CE_clean); each CE a global mean of next-token CE over positions "
-                "whose input token is not special; x_hat spliced at the hook (special positions left unreplaced); "
-                "CE_zero with the hook's activation zeroed",
-    "kl_score": "(KL_zero - KL_sae) / KL_zero, KL of the spliced next-token distribution to the clean one",
-    "dead_fraction": "fraction of latents that never fire on the N eval tokens (N reported)",
-    "dense_fraction": "fraction of latents with eval density > 0.1",
-    "ablation": "per latent i: on contexts where i fires, remove z_i * W_dec[i] from the spliced reconstruction; mean "
-                "increase of next-token CE and mean KL to the unablated spliced output",
-    "tpp": "SAEBench targeted probe perturbation (METRICS.md section 5), probes selected on a validation split",
-    "scr": "SAEBench spurious correlation removal (METRICS.md section 4), probes selected on a validation split",
-    "independence": "mean |Pearson rho| over pairs of alive latents, fraction |rho| > 0.3, mean max |cos| between "
-                    "decoder rows, co-firing of the most frequent latents (evals/independence.py)",
-    "tsne": "activations: latents active on > 1% of tokens, z-scored profiles, Euclidean; decoder: unit decoder rows "
-            "of alive latents, cosine metric, PCA init",
-}
+from vsae.run import EVAL_JSON, FIGURES_DIR, read_run
 
 
 @dataclass
@@ -84,110 +64,80 @@ class EvalConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
 
-class EvalError(RuntimeError):
-    """A run or cache that cannot be evaluated as asked."""
-
-
-def parse_metrics(spec: str) -> list[str]:
-    names = list(METRICS) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
-    bad = [m for m in names if m not in METRICS]
-    if bad:
-        raise ValueError(f"unknown metric(s) {', '.join(bad)}; choose from {', '.join(METRICS)} or all")
-    return names
-
-
 def evaluate(runs: list[str | Path], cfg: EvalConfig) -> dict[str, dict]:
     """Evaluate every run on the same held-out tokens; write RUN/eval.json and RUN/figures/*.html."""
     runs = [Path(r) for r in runs]
     manifest = read_manifest(cfg.cache)
-    d_in = int(manifest["d_in"])
-    saes: dict[Path, SAEWeights] = {}
+    with ExitStack() as held:
+        for run in runs:  # one writer per run: a training checkpoint would swap the directory under this eval
+            held.enter_context(DirLock(run, "run"))
+            recover_eval(run)
+        return _evaluate(runs, cfg, manifest)
+
+
+def _evaluate(runs: list[Path], cfg: EvalConfig, manifest: dict) -> dict[str, dict]:
+    saes = _read_saes(runs, cfg, int(manifest["d_in"]))
+    groups = [g for g in registry.GROUPS if g.name in cfg.metrics]
+    t0 = time.perf_counter()
+    staging = {run: Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=run)) for run in runs}
+    try:
+        ctx = EvalContext(cfg, manifest, saes, read_run(runs[0]).eval_fraction,
+                          {run: tmp / FIGURES_DIR for run, tmp in staging.items()},
+                          load_model=lambda: load_model(source_from_manifest(manifest["settings"]["model"]),
+                                                        device=cfg.device))
+        if any("stream" in g.needs for g in groups):
+            _stream_pass(ctx, max([g.sample_rows(cfg) for g in groups if g.sample_rows] or [0]))
+        results: dict[Path, dict] = {run: {} for run in runs}
+        for group in groups:
+            for run, result in group.compute(ctx).items():
+                results[run][group.name] = result
+        seconds = time.perf_counter() - t0
+        out = {}
+        for run in runs:
+            doc = _merge_existing(run, {
+                "run": str(run), "cache": str(cfg.cache), "cache_hash": manifest_hash(manifest),
+                "hook_name": manifest["settings"]["hook_name"], "model": manifest["settings"]["model"],
+                "settings": {**asdict(cfg), "eval_fraction": ctx.eval_fraction}, "versions": _versions(),
+                "definitions": registry.definitions(), "metrics": results[run], "seconds": seconds,
+            })
+            write_json(staging[run] / EVAL_JSON, doc)
+            _commit_eval(run, staging[run])
+            out[str(run)] = doc
+        return out
+    finally:
+        for tmp in staging.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_saes(runs: list[Path], cfg: EvalConfig, d_in: int) -> dict[Path, SAEWeights]:
+    saes = {}
     for run in runs:
         sae, _ = read_sae(run, device=cfg.device)
         if sae.d_in != d_in:
             raise EvalError(f"run {run} has d_in {sae.d_in} but the cache {cfg.cache} has width {d_in}; "
                             f"evaluate it on the cache it was trained on")
         saes[run] = sae
-    eval_fraction = read_run(runs[0]).eval_fraction
-    results: dict[Path, dict] = {run: {} for run in runs}
-    t0 = time.perf_counter()
-
-    needs_stream = {"core", "density", "independence", "tsne"} & set(cfg.metrics)
-    samples: dict[Path, torch.Tensor] = {}
-    if needs_stream:
-        _stream_metrics(saes, cfg, eval_fraction, results, samples)
-    model = None
-    model_desc = manifest["settings"]["model"]
-    if model_desc.get("kind") == "synthetic":  # a cache of synthetic rows: no model to splice into
-        for run in runs:
-            results[run].setdefault("core", {})["ce_score"] = None
-            results[run]["core"]["note"] = "synthetic cache: no model, so no CE/KL scores, ablations or probes"
-    elif {"core", "ablation", "tpp", "scr"} & set(cfg.metrics):
-        model = load_model(source_from_manifest(manifest["settings"]["model"]), device=cfg.device)
-    hook = manifest["settings"]["hook_name"]
-    if model is not None and {"core", "ablation"} & set(cfg.metrics):
-        tokens = _eval_contexts(cfg, manifest, eval_fraction)
-        special = special_token_ids(model.tokenizer)
-        from evals.splice import splice_losses
-
-        for run, sae in saes.items():
-            if "core" in cfg.metrics:
-                losses = splice_losses(model, hook, sae, tokens, special, device=cfg.device, progress=cfg.progress)
-                # n_tokens stays the reconstruction metrics' count; the spliced CE/KL report their own.
-                losses["ce_n_tokens"], losses["kl_n_tokens"] = losses.pop("n_tokens"), losses.pop("n_tokens_kl")
-                results[run]["core"].update(losses, ce_contexts=len(tokens))
-            if "ablation" in cfg.metrics:
-                from evals.ablation import latent_ablation_effects
-
-                density = results[run].get("density", {}).get("_density")
-                latents = cfg.latents or _top_latents(density, cfg.ablation_latents)
-                effects = latent_ablation_effects(model, hook, sae, tokens, latents, special, device=cfg.device,
-                                                  progress=cfg.progress)
-                results[run]["ablation"] = {"latents": {str(i): v for i, v in effects.items()}}
-    if model is not None and {"tpp", "scr"} & set(cfg.metrics):
-        _probe_metrics(model, hook, saes, cfg, results)
-    if "tsne" in cfg.metrics:
-        _tsne(saes, samples, results, runs)
-
-    seconds = time.perf_counter() - t0
-    out = {}
-    for run in runs:
-        results[run].get("density", {}).pop("_density", None)
-        # Groups computed only as inputs of others (density for t-SNE, say) are not written unless asked for.
-        results[run] = {k: v for k, v in results[run].items() if k in cfg.metrics}
-        doc = _merge_existing(run, {
-            "run": str(run), "cache": str(cfg.cache), "cache_hash": manifest_hash(manifest),
-            "hook_name": manifest["settings"]["hook_name"], "model": manifest["settings"]["model"],
-            "settings": {**asdict(cfg), "eval_fraction": eval_fraction}, "versions": _versions(),
-            "definitions": {k: v for k, v in DEFINITIONS.items()},
-            "metrics": results[run], "seconds": seconds,
-        })
-        _write_json(run / EVAL_JSON, doc)
-        out[str(run)] = doc
-    return out
+    return saes
 
 
-def _stream_metrics(saes, cfg, eval_fraction, results, samples) -> None:
-    """One pass over the held-out rows: every SAE sees each batch once."""
-    from evals.metrics import CoreAccumulator
-
-    loader = ActivationLoader(cfg.cache, cfg.batch_size, split="eval", eval_fraction=eval_fraction, shuffle=False,
-                              with_tokens=True)
-    # Special tokens (document separators) are excluded, as SAELens does.
+def _stream_pass(ctx: EvalContext, keep: int) -> None:
+    """One pass over the held-out rows: every SAE sees each batch once; special-token rows are dropped (as SAELens
+    does), and the first `keep` rows' codes are kept dense for the groups that read a sample."""
+    cfg = ctx.cfg
+    loader = ActivationLoader(cfg.cache, cfg.batch_size, split="eval", eval_fraction=ctx.eval_fraction,
+                              shuffle=False, with_tokens=True)
     special = special_ids(loader.manifest)
     n_rows = min(cfg.tokens, loader.n_tokens)
     if n_rows <= 0:
-        raise EvalError(f"the cache {cfg.cache} has no held-out rows (eval_fraction {eval_fraction})")
-    core = {run: CoreAccumulator() for run in saes}
-    fire = {run: FiringCounter(sae.d_sae) for run, sae in saes.items()}
-    keep = max(cfg.tsne_tokens if "tsne" in cfg.metrics else 0,
-               cfg.independence_tokens if "independence" in cfg.metrics else 0)
-    kept: dict = {run: [] for run in saes}
+        raise EvalError(f"the cache {cfg.cache} has no held-out rows (eval_fraction {ctx.eval_fraction})")
+    core = {run: CoreAccumulator() for run in ctx.saes}
+    fire = {run: FiringCounter(sae.d_sae) for run, sae in ctx.saes.items()}
+    kept: dict[Path, list[torch.Tensor]] = {run: [] for run in ctx.saes}
     seen = 0
     bar = tqdm(total=n_rows, unit="tok", unit_scale=True, desc="eval", disable=not cfg.progress)
     for x, toks in loader:
         x = x[~special_mask(toks[:, 0], special)][: n_rows - seen].to(cfg.device)
-        for run, sae in saes.items():
+        for run, sae in ctx.saes.items():
             code = sae.encode_topk(x)
             core[run].update(x, sae.decode_topk(code), code.vals)  # L0 from the k values: no dense code needed
             fire[run].update_code(code)
@@ -199,106 +149,43 @@ def _stream_metrics(saes, cfg, eval_fraction, results, samples) -> None:
         if seen >= n_rows:
             break
     bar.close()
-    for run in saes:
-        results[run]["core"] = core[run].result()
-        dens = fire[run].result()
-        results[run]["density"] = {k: v for k, v in dens.items() if not torch.is_tensor(v)}
-        results[run]["density"]["_density"] = dens["density"]
-        results[run]["density"]["per_latent"] = dens["density"].tolist()
-        results[run]["density"]["training"] = _training_dead(run)
-        if kept[run]:
-            samples[run] = torch.cat(kept[run])
-        if "density" in cfg.metrics:
-            _density_figure(run, dens)
-        if "independence" in cfg.metrics:
-            from evals.independence import independence_stats
-
-            results[run]["independence"] = independence_stats(samples[run], saes[run].W_dec, seed=cfg.seed)
+    for run in ctx.saes:
+        ctx.stream[run] = StreamStats(core[run].result(), fire[run].result(),
+                                      torch.cat(kept[run]) if kept[run] else None)
 
 
-def _top_latents(density: torch.Tensor | None, n: int) -> list[int]:
-    if density is None:
-        raise EvalError("ablation without an explicit --latents list needs the density metric in the same run")
-    return [int(i) for i in torch.argsort(density, descending=True)[:n]]
+# --- eval.json and figures/ swapped in together ---------------------------------------------------------------
+STAGING_PREFIX = ".eval.tmp-"
+NEW = ".eval.new"
 
 
-def _eval_contexts(cfg: EvalConfig, manifest: dict, eval_fraction: float) -> torch.Tensor:
-    _, held = split_sequences(int(manifest["n_sequences"]), eval_fraction)
-    return torch.from_numpy(sequence_tokens(cfg.cache, held[: cfg.ce_contexts]))
+def _commit_eval(run: Path, staged: Path) -> None:
+    """Swap a staged eval (eval.json + figures/) into the run. The staged directory is first renamed to `.eval.new`:
+    from then on the new result is complete, and `recover_eval` finishes an interrupted swap forward."""
+    shutil.rmtree(run / NEW, ignore_errors=True)
+    os.replace(staged, run / NEW)
+    _finish_swap(run)
 
 
-def _probe_metrics(model, hook, saes, cfg, results) -> None:
-    """SCR and TPP: the model runs once per labelled set and its probes are fitted once; each SAE then only
-    encodes the cached token activations."""
-    from evals import labelled, scr_tpp
-    from evals.probes import token_activations
-
-    sizes = {"train_size": cfg.labelled_train, "test_size": cfg.labelled_test}
-    real = cfg.labelled == "real"
-    tasks = []
-    if "scr" in cfg.metrics:
-        data = labelled.load_bias_in_bios(**sizes) if real else labelled.offline_scr_set(seed=cfg.seed, **sizes)
-        tasks.append(("scr", data, scr_tpp.fit_scr_probes, scr_tpp.scr_from_activations))
-    if "tpp" in cfg.metrics:
-        data = labelled.load_amazon_reviews(**sizes) if real else labelled.offline_tpp_set(seed=cfg.seed, **sizes)
-        tasks.append(("tpp", data, scr_tpp.fit_tpp_probes, scr_tpp.tpp_from_activations))
-    for name, data, fit, score in tasks:
-        tokens = token_activations(model, hook, data.texts, device=cfg.device, progress=cfg.progress)
-        pooled = tokens.pooled()
-        probes = fit(pooled, data, seed=cfg.seed)
-        for run, sae in saes.items():
-            n_values = [n for n in N_VALUES if n <= sae.d_sae]  # SAEBench asserts N <= d_sae
-            results[run][name] = score(tokens, data, sae, n_values, seed=cfg.seed, probes=probes, pooled=pooled)
-            results[run][name]["dataset"] = data.description
+def _finish_swap(run: Path) -> None:
+    new = run / NEW
+    if (new / FIGURES_DIR).is_dir():
+        # Figures this eval did not recompute (a partial eval) stay, as eval.json keeps their groups.
+        (run / FIGURES_DIR).mkdir(exist_ok=True)
+        for p in (new / FIGURES_DIR).iterdir():
+            os.replace(p, run / FIGURES_DIR / p.name)
+    if (new / EVAL_JSON).exists():
+        os.replace(new / EVAL_JSON, run / EVAL_JSON)
+    fsync_dir(run)
+    shutil.rmtree(new)
 
 
-def _tsne(saes, samples, results, runs) -> None:
-    from evals.tsne import activation_tsne, decoder_tsne, joint_decoder_tsne
-
-    for run, sae in saes.items():
-        density = results[run]["density"]["_density"]
-        maps = {"activations": activation_tsne(samples[run]),
-                "decoder": decoder_tsne(sae.W_dec, density > 0, density)}
-        results[run]["tsne"] = {}
-        for name, m in maps.items():
-            write_figure(m.figure(f"{run.name}: t-SNE of {name}"), run / FIGURES_DIR / f"tsne_{name}.html")
-            _write_json(run / FIGURES_DIR / f"tsne_{name}.json", m.to_json())
-            results[run]["tsne"][name] = {"n_points": len(m.coords), "figure": f"{FIGURES_DIR}/tsne_{name}.html",
-                                          "coordinates": f"{FIGURES_DIR}/tsne_{name}.json"}
-    widths = {saes[r].d_sae for r in runs}
-    if len(runs) > 1 and len({saes[r].d_in for r in runs}) == 1 and len(widths) == 1:
-        joint = joint_decoder_tsne({r.name: (saes[r].W_dec, results[r]["density"]["_density"] > 0) for r in runs})
-        for run in runs:
-            write_figure(joint.figure("decoder rows of " + ", ".join(r.name for r in runs)),
-                         run / FIGURES_DIR / "tsne_joint.html")
-            results[run]["tsne"]["joint"] = {"runs": [str(r) for r in runs], "figure": f"{FIGURES_DIR}/tsne_joint.html",
-                                             "d_sae": sorted(widths)}
-
-
-def _density_figure(run: Path, dens: dict) -> None:
-    import plotly.graph_objects as go
-
-    hist = dens["log10_density_histogram"]
-    fig = go.Figure(go.Bar(x=hist["edges"][:-1], y=hist["counts"], name="alive latents"))
-    fig.update_layout(title=f"{run.name}: log10 feature density over {dens['n_tokens']:,} eval tokens "
-                            f"(dead: {dens['dead_fraction']:.1%})", xaxis_title="log10 density",
-                      yaxis_title="latents")
-    write_figure(fig, run / FIGURES_DIR / DENSITY_FIGURE)
-
-
-def _training_dead(run: Path) -> dict | None:
-    """The trainer's own dead counters at the end of training, from train.json + trainer_state."""
-    info = read_run(run).train
-    if info is None:
-        return None
-    try:
-        state = read_trainer_state(run)
-    except CheckpointError:
-        return None
-    since = state["tokens_since_fired"]
-    return {"dead_after_tokens": info["dead_after"], "tokens_seen": info.get("tokens_seen"),
-            "dead_fraction": float((since >= info["dead_after"]).float().mean()),
-            "never_fired_fraction": float((state["fire_count"] == 0).float().mean())}
+def recover_eval(run: Path) -> None:
+    """Finish a swap a kill interrupted (`.eval.new` holds a complete result) and drop staging leftovers."""
+    if (run / NEW).is_dir():
+        _finish_swap(run)
+    for p in run.glob(STAGING_PREFIX + "*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _merge_existing(run: Path, doc: dict) -> dict:
@@ -307,18 +194,6 @@ def _merge_existing(run: Path, doc: dict) -> dict:
     if old.get("cache_hash") == doc["cache_hash"]:
         doc["metrics"] = {**old.get("metrics", {}), **doc["metrics"]}
     return doc
-
-
-def _write_json(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, default=_jsonable) + "\n")
-
-
-def _jsonable(v):
-    if torch.is_tensor(v):
-        return v.tolist()
-    if isinstance(v, np.ndarray | np.generic):
-        return v.tolist()
-    raise TypeError(f"cannot serialise {type(v).__name__}")
 
 
 def _versions() -> dict:
@@ -330,13 +205,48 @@ def _versions() -> dict:
 
 def table(results: dict[str, dict]) -> str:
     """A plain-text table of the headline numbers, one row per run."""
-    cols = [("core", "l0"), ("core", "explained_variance"), ("core", "mse"), ("core", "ce_score"),
-            ("core", "kl_score"), ("density", "dead_fraction"), ("density", "dense_fraction")]
-    head = ["run"] + [c for _, c in cols]
+    cols = [(g.name, key, label) for g in registry.GROUPS for label, key in g.columns]
+    head = ["run"] + [label for _, _, label in cols]
     rows = []
     for run, doc in results.items():
         m = doc["metrics"]
-        rows.append([Path(run).name] + [_fmt(m.get(g, {}).get(c)) for g, c in cols])
+        rows.append([Path(run).name] + [_fmt((m.get(g) or {}).get(key)) for g, key, _ in cols])
+    return _text_table(head, rows)
+
+
+RUN_COLUMNS = (("variant", "sae.variant"), ("d_sae", "d_sae"), ("k", "k"), ("steps", "step"),
+               ("tokens", "tokens_seen"), ("hook", "hook_name"))
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """The run directories (a cfg.json: vsae or SAELens) at or below `root`, sorted; hidden directories skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EvalError(f"{root} is not a directory")
+    found = [p.parent for p in root.rglob(CFG_FILENAME)
+             if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return sorted(found)
+
+
+def runs_table(root: str | Path) -> str:
+    """One line per run under `root`: its key settings and its headline metrics from eval.json ("-" if not
+    evaluated)."""
+    runs = find_runs(root)
+    if not runs:
+        return f"no runs under {root}"
+    cols = [(g.name, key, label) for g in registry.GROUPS for label, key in g.columns]
+    head = ["run", *[label for label, _ in RUN_COLUMNS], *[label for _, _, label in cols]]
+    rows = []
+    for path in runs:
+        run = read_run(path)
+        config, m = run.config(), run.metrics
+        name = str(path.relative_to(root)) if path != Path(root) else path.name
+        rows.append([name, *[_fmt(config.get(key)) for _, key in RUN_COLUMNS],
+                     *[_fmt((m.get(g) or {}).get(key)) for g, key, _ in cols]])
+    return _text_table(head, rows)
+
+
+def _text_table(head: list[str], rows: list[list]) -> str:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)) for r in [head, *rows])
 

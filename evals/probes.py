@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from activations.models import check_hook, special_token_ids, stop_layer
+from vsae.firing import special_mask
 
 Ablation = Callable[[Tensor], Tensor]  # [tokens, d] -> [tokens, d]
 # Inverse L1 strengths tried on the validation split; SAEBench's fixed l1_penalty=1e-3 under AdamW has no exact
@@ -131,7 +132,7 @@ def _hook_batches(
             for i, r in enumerate(rows):
                 tokens[i, : len(ids[r])] = torch.tensor(ids[r], dtype=torch.long)
             lengths = torch.tensor([len(ids[r]) for r in rows])
-            real = (torch.arange(width)[None, :] < lengths[:, None]) & ~torch.isin(tokens, special)
+            real = (torch.arange(width)[None, :] < lengths[:, None]) & ~special_mask(tokens, special)
             grabbed.clear()
             model(tokens.to(device), stop_at_layer=layer)
             yield rows, grabbed[0][real.to(device)], real.sum(1)

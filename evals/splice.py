@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 from activations.models import special_token_ids  # noqa: F401  (re-exported)
 from evals.metrics import ce_kl_scores
 from vsae.checkpoint import SAEWeights
+from vsae.firing import special_mask
 
 
 def counted_mask(tokens: Tensor, special_ids: Iterable[int]) -> Tensor:
     """Bool [B, L]: True where the input token is not special (the positions every metric counts)."""
-    special = torch.tensor(sorted(special_ids), dtype=tokens.dtype, device=tokens.device)
-    return ~torch.isin(tokens, special)
+    return ~special_mask(tokens, special_ids)
 
 
 def sae_to(sae: SAEWeights, device: str | torch.device) -> SAEWeights:

@@ -74,8 +74,23 @@ class TsneMap:
             fig.update_layout(title=title, xaxis={"visible": False}, yaxis={"visible": False})
             return fig
 
-        # Hover rows are the same for every trace: the latent id, its run, then each colour field's value.
         fields = list(self.colors)
+        groups = self._add_traces(fig, fields)
+        buttons = [{"label": name, "method": "update", "args": [{"visible": [x == g for x in groups]}]}
+                   for g, name in enumerate(fields)]
+        s = self.settings
+        subtitle = (f"n={self.n}, perplexity={s.get('perplexity')}, metric={s.get('metric')}, "
+                    f"pca_dims={s.get('pca_dims')}, seed={s.get('seed')}")
+        fig.update_layout(
+            title={"text": f"{title}<br><sup>{subtitle}</sup>"},
+            updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.12,
+                          "yanchor": "top", "showactive": True}] if len(fields) > 1 else [],
+            xaxis={"showticklabels": False, "title": ""}, yaxis={"showticklabels": False, "title": ""},
+            template="plotly_white", legend={"itemsizing": "constant"})
+        return fig
+
+    def _hover(self, fields: list[str]) -> tuple[np.ndarray, str]:
+        """(customdata, hovertemplate), the same for every trace: the latent id, its run, then each colour value."""
         lines = ["latent %{customdata[0]}"]
         custom = [self.latent_ids.astype(object)]
         if self.runs is not None:
@@ -91,10 +106,13 @@ class TsneMap:
             else:
                 lines.append(f"{name} %{{customdata[{j}]}}")
             custom.append(values.astype(object))
-        customdata = np.stack(custom, axis=1)
-        hover = "<br>".join(lines) + "<extra></extra>"
+        return np.stack(custom, axis=1), "<br>".join(lines) + "<extra></extra>"
 
-        # One group of traces per colouring; the dropdown shows one group at a time.
+    def _add_traces(self, fig, fields: list[str]) -> list[int]:
+        """One group of traces per colouring (the dropdown shows one group at a time); the group of each trace."""
+        import plotly.graph_objects as go
+
+        customdata, hover = self._hover(fields)
         groups: list[int] = []
         for g, name in enumerate(fields):
             values = self.colors[name]
@@ -113,18 +131,7 @@ class TsneMap:
                             "colorbar": {"title": {"text": name}}},
                     customdata=customdata, hovertemplate=hover, visible=g == 0))
                 groups.append(g)
-        buttons = [{"label": name, "method": "update", "args": [{"visible": [x == g for x in groups]}]}
-                   for g, name in enumerate(fields)]
-        s = self.settings
-        subtitle = (f"n={self.n}, perplexity={s.get('perplexity')}, metric={s.get('metric')}, "
-                    f"pca_dims={s.get('pca_dims')}, seed={s.get('seed')}")
-        fig.update_layout(
-            title={"text": f"{title}<br><sup>{subtitle}</sup>"},
-            updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.12,
-                          "yanchor": "top", "showactive": True}] if len(fields) > 1 else [],
-            xaxis={"showticklabels": False, "title": ""}, yaxis={"showticklabels": False, "title": ""},
-            template="plotly_white", legend={"itemsizing": "constant"})
-        return fig
+        return groups
 
 
 def perplexity_for(n: int) -> int:

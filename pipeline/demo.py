@@ -20,7 +20,8 @@ from activations.harvest import HarvestConfig, harvest
 from activations.tiny_model import ensure_tiny_model
 from dashboards.build import DashboardConfig, build_dashboard
 from dashboards.compare import CompareConfig, compare_runs
-from evals.driver import METRICS, EvalConfig, evaluate, table
+from evals.driver import EvalConfig, evaluate, table
+from evals.registry import METRICS
 from vsae.config import SAEConfig, TrainConfig, apply_preset
 from vsae.trainer import train
 

@@ -22,11 +22,13 @@ from pathlib import Path
 
 from activations.atomic import write_text_atomic
 from activations.cache import manifest_hash, read_manifest
+from activations.guard import DirLock, plain_name
 from dashboards.assets import CSS
 from dashboards.compare import CompareConfig, compare_runs
 from dashboards.html import esc, page, table
-from evals.driver import METRICS, EvalConfig, evaluate
+from evals.driver import EvalConfig, evaluate
 from evals.figures import write_figure
+from evals.registry import METRICS, measured_on, paper_row
 from vsae.config import PRESETS, SAEConfig, TrainConfig, label_part
 from vsae.run import EVAL_JSON, RunError
 from vsae.trainer import train as train_saes
@@ -160,10 +162,7 @@ def foreign_fields(variant: str) -> dict[str, list[str]]:
 
 def _meaningless(sae: dict) -> str | None:
     """Why a combination of a variant's own switches cannot change what is trained (None when it can)."""
-    if {"sample", "variance"} <= set(own_fields(sae["variant"])) and sae["variance"] == "learned" \
-            and not sae["sample"]:
-        return "without sampling the learned variance reaches only the KL term, never the reconstruction"
-    return None
+    return VARIANTS[sae["variant"]].inert(SAEConfig(**sae)) if sae["variant"] in VARIANTS else None
 
 
 def _skip_reason(sae: dict, train: dict, base_sae: dict, d_in: int, seen: dict[str, int]) -> str | None:
@@ -242,6 +241,8 @@ def _name(specs: list[RunSpec]) -> None:
         if len(set(names)) != len(names):
             for i, s in enumerate(group):
                 s.name = f"{s.name}-{i:02d}"
+        for s in group:  # a run's folder under runs/: an arm or value must not lead it elsewhere
+            plain_name(s.name, f"run name (from arm {arm!r})")
 
 
 def size_matched(plan: dict, specs: list[RunSpec], alive: dict[str, int], d_in: int,
@@ -386,35 +387,41 @@ def run_study(cfg: StudyConfig) -> dict:
     out = Path(cfg.out)
     manifest = read_manifest(cfg.cache)
     d_in, cache_hash = int(manifest["d_in"]), manifest_hash(manifest)
+    specs, skipped = expand(plan, d_in, cfg.steps)  # before anything is made: a bad run name is refused here
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        state = _open_study(out, _identity(plan, cfg, cache_hash))
-        runs_dir = out / "runs"
-        specs, skipped = expand(plan, d_in, cfg.steps)
-        state.update(runs=[asdict(s) for s in specs], skipped=skipped)
-        _save(out, state)
-        ecfg = _eval_config(plan, cfg)
-        stages = [("train", lambda: _train_runs(specs, cfg, runs_dir)),
-                  ("eval", lambda: _evaluate_runs([runs_dir / s.name for s in specs], ecfg, cache_hash))]
-        for stage, fn in stages:
-            _stage(out, state, stage, fn)
-        alive = {s.name: _alive(runs_dir / s.name) for s in specs if s.sae["variant"] != BASELINE}
-        matched, sm_skipped = size_matched(plan, specs, alive, d_in, cfg.steps)
-        state.update(size_matched=[asdict(s) for s in matched], size_matched_skipped=sm_skipped, alive=alive)
-        _save(out, state)
-        if matched:
-            _stage(out, state, "train_size_matched", lambda: _train_runs(matched, cfg, runs_dir))
-            _stage(out, state, "eval_size_matched",
-                   lambda: _evaluate_runs([runs_dir / s.name for s in matched], ecfg, cache_hash))
-        every = specs + matched
-        if len(every) > 1:
-            _stage(out, state, "compare",
-                   lambda: _compare(cfg, [runs_dir / s.name for s in every], out / "compare.html"))
-        docs = {s.name: json.loads((runs_dir / s.name / EVAL_JSON).read_text()) for s in every}
-        _stage(out, state, "report", lambda: write_report(out, plan, every, docs, state), always=True)
+        with DirLock(out, "study"):
+            return _run_study(cfg, plan, out, d_in, cache_hash, specs, skipped)
     except OSError as e:
         raise StudyError(f"cannot write the study {out}: {e}; finished runs and stages are kept, rerun the same "
                          f"command once there is room") from e
+
+
+def _run_study(cfg: StudyConfig, plan: dict, out: Path, d_in: int, cache_hash: str, specs: list[RunSpec],
+               skipped: list[str]) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    state = _open_study(out, _identity(plan, cfg, cache_hash))
+    runs_dir = out / "runs"
+    state.update(runs=[asdict(s) for s in specs], skipped=skipped)
+    _save(out, state)
+    ecfg = _eval_config(plan, cfg)
+    stages = [("train", lambda: _train_runs(specs, cfg, runs_dir)),
+              ("eval", lambda: _evaluate_runs([runs_dir / s.name for s in specs], ecfg, cache_hash))]
+    for stage, fn in stages:
+        _stage(out, state, stage, fn)
+    alive = {s.name: _alive(runs_dir / s.name) for s in specs if s.sae["variant"] != BASELINE}
+    matched, sm_skipped = size_matched(plan, specs, alive, d_in, cfg.steps)
+    state.update(size_matched=[asdict(s) for s in matched], size_matched_skipped=sm_skipped, alive=alive)
+    _save(out, state)
+    if matched:
+        _stage(out, state, "train_size_matched", lambda: _train_runs(matched, cfg, runs_dir))
+        _stage(out, state, "eval_size_matched",
+               lambda: _evaluate_runs([runs_dir / s.name for s in matched], ecfg, cache_hash))
+    every = specs + matched
+    if len(every) > 1:
+        _stage(out, state, "compare",
+               lambda: _compare(cfg, [runs_dir / s.name for s in every], out / "compare.html"))
+    docs = {s.name: json.loads((runs_dir / s.name / EVAL_JSON).read_text()) for s in every}
+    _stage(out, state, "report", lambda: write_report(out, plan, every, docs, state), always=True)
     return state
 
 
@@ -439,25 +446,8 @@ def _alive(run: Path) -> int:
 # ---------------------------------------------------------------- report
 
 def metric_row(doc: dict) -> dict[str, float | None]:
-    """The paper's table columns of one eval.json."""
-    m = doc["metrics"]
-    core, dens = m.get("core", {}), m.get("density")
-    row = {"explained_variance": core.get("explained_variance"), "ce_score": core.get("ce_score"),
-           "alive": None if dens is None else 1 - dens["dead_fraction"], "l0": core.get("l0")}
-    for name, fmt in (("scr", "scr_metric_threshold_{}"), ("tpp", "tpp_threshold_{}_total_metric")):
-        if name in m:
-            for n in m[name].get("n_values", []):
-                row[f"{name}_{n}"] = m[name]["metrics"].get(fmt.format(n))
-    return row
-
-
-def token_counts(doc: dict) -> dict[str, object]:
-    m, s = doc["metrics"], doc["settings"]
-    core, dens = m.get("core", {}), m.get("density", {})
-    return {"explained_variance": core.get("n_tokens"), "l0": core.get("n_tokens"),
-            "ce_score": core.get("ce_n_tokens"), "alive": dens.get("n_tokens"),
-            "scr": s.get("labelled_test") if "scr" in m else None,
-            "tpp": s.get("labelled_test") if "tpp" in m else None}
+    """The paper's table columns of one eval.json (each metric group declares its own, evals/registry.py)."""
+    return paper_row(doc["metrics"])
 
 
 def switch_effects(specs: list[RunSpec], rows: dict[str, dict]) -> list[dict]:
@@ -513,7 +503,6 @@ def write_report(out: Path, plan: dict, specs: list[RunSpec], docs: dict[str, di
     rows = {s.name: metric_row(docs[s.name]) for s in specs}
     cols = _columns(rows)
     switches = varying(specs) or ["variant"]
-    counts = token_counts(next(iter(docs.values())))
     # Size-matched runs differ from the grid in d_sae alone; their own table compares them, pairs here would be noise.
     effects = switch_effects([s for s in specs if s.matched_to is None], rows)
     figures = _figures(out, specs, rows, cols)
@@ -529,11 +518,9 @@ def write_report(out: Path, plan: dict, specs: list[RunSpec], docs: dict[str, di
     sm_rows = [[a, str(state.get("alive", {}).get(a, "-")), b,
                 *[_fmt(None if rows[a].get(c) is None or rows[b].get(c) is None else rows[b][c] - rows[a][c])
                   for c in cols]] for a, b in matched]
-    measured = [f"explained variance and L0 on {counts['explained_variance']} held-out activation rows",
-                f"CE score on {counts['ce_score']} held-out next-token positions",
-                f"fraction alive on {counts['alive']} held-out activation rows",
-                f"SCR on {counts['scr']} labelled test texts", f"TPP on {counts['tpp']} labelled test texts"]
-    tokens_line = "Measured: " + "; ".join(m for m in measured if " None " not in m) + " (the same for every run)."
+    first = next(iter(docs.values()))
+    tokens_line = "Measured: " + "; ".join(measured_on(first["metrics"], first["settings"])) + \
+        " (the same for every run)."
     skipped = state.get("skipped", []) + state.get("size_matched_skipped", [])
     sections = [
         ("p", plan.get("description", "")),

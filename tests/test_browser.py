@@ -168,14 +168,42 @@ def test_dashboard_in_chromium(browser, site):
     assert_clean(browser)
 
 
+def render_every_plot(page) -> None:
+    """Open every <details> and bring each plot into view in turn: the compare page draws a figure only when it
+    nears the viewport."""
+    page.evaluate("document.querySelectorAll('details').forEach(d => { d.open = true; })")
+    for i in range(page.locator(".plot").count()):
+        page.locator(".plot").nth(i).scroll_into_view_if_needed()
+        page.wait_for_function(f"document.querySelectorAll('.plot')[{i}].querySelector('.main-svg')")
+
+
 def test_compare_in_chromium(browser, site):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page = new_page(browser)
     page.goto(site["compare"].as_uri())
-    page.wait_for_function("[...document.querySelectorAll('.plot')].every(e => e.querySelector('.main-svg'))")
+    # the answer first: the summary table, then the frontier plots, drawn at once as they are in view
+    page.wait_for_function("document.querySelectorAll('.plot')[0].querySelector('.main-svg')")
+    # fake_eval: EV, L0 and dead fraction, equal in both runs: a tie, both best, L0 with no direction
+    assert page.locator("table.summary tr").count() == 4 and page.locator("table.summary td.best").count() == 4
+    assert "equal in every run that has it" in page.inner_text("table.summary")
+    assert page.locator("table.summary td[title^='global: 1 - sum']").count() == 1  # a definition on hover
+    frontier = page.locator("[id^='fig-frontier']")
+    assert frontier.count() == 3
+    page.wait_for_function("[...document.querySelectorAll('[id^=fig-frontier]')].every(e => e.querySelector("
+                           "'.main-svg'))")
+    assert page.locator("#fig-frontier-0 .point").count() == 2  # one point per run
+    assert not all(plots_rendered(page))  # figures far below wait until they are scrolled to
+    page.screenshot(path=str(ARTIFACTS / "compare-top.png"))
+    box = page.locator("#fig-frontier-0 .point").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # plotly's drag layer takes it
+    page.wait_for_selector("#fig-frontier-0 .hovertext")
+    hover = page.locator("#fig-frontier-0 .hovertext").text_content()
+    assert "run<&\"'>" in hover and "d_sae = " in hover  # the run's name, as text, and its switch (d_sae)
+    render_every_plot(page)
     rendered = plots_rendered(page)
-    assert len(rendered) >= 5 and all(rendered)  # density, curves, 2 t-SNE maps, best-match histogram
+    assert len(rendered) >= 8 and all(rendered)  # 3 frontier, density, curves, 2 t-SNE maps, best-match histogram
     assert "Configuration differences" in page.inner_text("body")
+    assert page.locator("details.group[open]").count() >= 3  # metric groups, open and collapsible
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
     link = page.locator("a[href*='latent.html#']").first
     href = link.get_attribute("href")

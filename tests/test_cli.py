@@ -125,7 +125,7 @@ def test_study_builds_its_config_from_the_flags(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "s")
     assert main(["study", "--cache", "c", "--plan", "paper", "--out", out, "--steps", "3", "--metrics", "all",
                  "--no-progress"]) == 0
-    from evals.driver import METRICS
+    from evals.registry import METRICS
 
     assert seen == [StudyConfig(cache="c", plan="paper", out=out, steps=3, metrics=list(METRICS), progress=False)]
     assert f"study of 3 runs (0 combinations skipped) written to {out}" in capsys.readouterr().out
@@ -141,3 +141,90 @@ def test_demo_runs_the_pipeline_with_its_config(monkeypatch):
     monkeypatch.setattr(pipeline.demo, "run_demo", seen.append)
     assert main(["demo", "--out", "d", "--d-sae", "64", "--k", "4", "--train-steps", "7"]) == 0
     assert seen == [DemoConfig(out="d", d_sae=64, k=4, train_steps=7)]
+
+
+@pytest.fixture()
+def small_cache(tmp_path):
+    from tests.synthetic import planted_features, synthetic_cache
+
+    rows, _ = planted_features(1000, d_in=16, n_features=64)
+    return synthetic_cache(tmp_path / "cache", rows)
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vsae ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize(("flags", "needles"), [
+    (["--k", "abc"], ["--k 'abc'", "comma list of integers"]),
+    (["--device", "bogus"], ["--device 'bogus'", "cpu, cuda"]),
+    (["--k", "4", "--sweep", "missing.toml"], ["--sweep missing.toml", "cannot read"]),
+])
+def test_bad_train_flags_are_one_line_errors(flags, needles, small_cache, tmp_path, capsys):
+    argv = ["train", "--cache", str(small_cache), "--out", str(tmp_path / "r"), "--d-sae", "32", "--steps", "2",
+            "--no-progress", *flags]
+    assert main(argv) == 2
+    _one_line_error(capsys, *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cuda_without_cuda_is_a_one_line_error(small_cache, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["train", "--cache", str(small_cache), "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
+    _one_line_error(capsys, "no CUDA device", "--device cpu")
+
+
+@pytest.mark.parametrize("text", ['[[sae]]\nk = "abc"\n', 'sae = 3\n', '[[sae]\n'])
+def test_bad_sweep_files_are_one_line_errors(text, small_cache, tmp_path, capsys):
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(text)
+    argv = ["train", "--cache", str(small_cache), "--out", str(tmp_path / "r"), "--d-sae", "32", "--steps", "2",
+            "--no-progress", "--sweep", str(sweep)]
+    assert main(argv) == 2
+    _one_line_error(capsys, "")
+    assert not (tmp_path / "r").exists()
+
+
+def test_output_under_a_file_is_refused_before_any_work(small_cache, tmp_path, capsys, monkeypatch):
+    import vsae.trainer
+
+    monkeypatch.setattr(vsae.trainer, "train", lambda *a, **k: pytest.fail("training started"))
+    (tmp_path / "file").write_text("mine")
+    argv = ["train", "--cache", str(small_cache), "--out", str(tmp_path / "file" / "run"), "--d-sae", "32"]
+    assert main(argv) == 2
+    _one_line_error(capsys, "is a file, not a directory")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from activations.cache import CacheError
+
+    with pytest.raises(CacheError):
+        main(["--debug", "cache-info", str(tmp_path / "nothing")])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("vsae ")
+
+
+def test_runs_lists_runs_with_settings_and_metrics(small_cache, tmp_path, capsys):
+    common = ["--cache", str(small_cache), "--steps", "2", "--batch-size", "64", "--d-sae", "32", "--no-progress"]
+    assert main(["train", *common, "--out", str(tmp_path / "runs"), "--k", "2,4"]) == 0
+    assert main(["eval", str(tmp_path / "runs" / "k4"), "--cache", str(small_cache), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["runs", str(tmp_path / "runs")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["run", "variant", "d_sae", "k"] and "explained_variance" in lines[0]
+    k2, k4 = (line.split() for line in lines[1:])
+    assert k2[:4] == ["k2", "topk", "32", "2"] and k4[:4] == ["k4", "topk", "32", "4"]
+    assert k2[-1] == "-" and k4[-1] != "-"  # only k4 was evaluated
+    assert main(["runs", str(tmp_path / "nothing")]) == 2

@@ -74,6 +74,35 @@ def test_empty_corpus_raises_when_exhausted(tmp_path):
         list(docs)
 
 
+def test_device_fifo_and_socket_are_refused_not_read(tmp_path):
+    import os
+    import signal
+    import socket
+
+    def hung(*_):
+        raise TimeoutError("reading the corpus hung")
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        for spec in ("/dev/zero", str(fifo), str(tmp_path / "sock")):
+            with pytest.raises(CorpusError, match="not a regular file"):
+                list(corpus_documents(spec))
+            with pytest.raises(CorpusError, match="not a regular file"):
+                describe_corpus(spec)
+        (tmp_path / "doc.txt").write_text("some text")
+        (tmp_path / "zero.txt").symlink_to("/dev/zero")
+        assert list(corpus_documents(str(tmp_path))) == ["some text"]  # in a folder, only regular files count
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        sock.close()
+
+
 def test_bad_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"text": "fine"}\n{"body": "no text"}\n')

@@ -1,6 +1,7 @@
 """Dashboards: the one-pass gathering against brute force, the weight-derived quantities, escaping, the pages and
 the compare page, on tiny caches built in code."""
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -356,6 +357,7 @@ def special_token_cache(tmp: Path) -> Path:
         toks[:, 0] = np.where(toks[:, 2] == 1, 7, 3)  # position 1 is each sequence's first row
         toks.flush()
         del toks
+        entry["tokens_sha256"] = hashlib.sha256((tmp / entry["tokens_file"]).read_bytes()).hexdigest()
     manifest["special_token_ids"] = [7]
     write_json_atomic(tmp / MANIFEST, manifest)
     return tmp

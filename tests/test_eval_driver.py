@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from evals.driver import EvalConfig, EvalError, evaluate, parse_metrics, table
+from evals.driver import EvalConfig, EvalError, evaluate, table
+from evals.registry import parse_metrics
 from tests.test_harvest import run as harvest_run
 from vsae.config import SAEConfig, TrainConfig
 from vsae.trainer import train

@@ -184,3 +184,77 @@ def test_sequence_tokens_rebuilds_contexts(tmp_path, tiny_checkpoint, text_corpu
     np.testing.assert_array_equal(sequence_tokens(tmp_path / "c", np.array([0, 5, 3])), seqs[[0, 5, 3]])
     assert source_from_manifest(m["settings"]["model"]) == ModelSource(name=tiny_checkpoint.name,
                                                                        path=str(tiny_checkpoint.resolve()))
+
+
+# --- what a harvest may touch: only its own cache, one writer at a time ---------------------------------------------
+
+
+def edit_manifest(out: Path, edit) -> None:
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+def test_resume_never_touches_a_file_the_manifest_names_outside(tmp_path, tiny_checkpoint, text_corpus):
+    out = tmp_path / "c"
+    run(out, tiny_checkpoint, text_corpus)
+    victim = tmp_path / "victim.npy"
+    victim.write_bytes(b"not a shard")  # unverifiable: the old harvest unlinked it
+    for name in ("../victim.npy", str(victim)):
+        edit_manifest(out, lambda m, name=name: m["shards"][1].update(file=name))
+        with pytest.raises(CacheError, match=r"shards\[1\].file must be a plain file name.*--overwrite"):
+            run(out, tiny_checkpoint, text_corpus)
+        assert victim.read_bytes() == b"not a shard"
+    run(out, tiny_checkpoint, text_corpus, overwrite=True)  # rebuilds inside the cache only
+    assert victim.read_bytes() == b"not a shard"
+    assert read_manifest(out)["complete"]
+
+
+def test_symlinked_shard_is_replaced_not_followed(tmp_path, tiny_checkpoint, text_corpus, capsys):
+    out = tmp_path / "c"
+    run(out, tiny_checkpoint, text_corpus)
+    before = cache_arrays(out)
+    victim = tmp_path / "victim.npy"
+    (out / "acts-00001.npy").rename(victim)
+    (out / "acts-00001.npy").symlink_to(victim)
+    kept = victim.read_bytes()
+    assert run(out, tiny_checkpoint, text_corpus).built_shards == 1
+    assert "leads outside the cache" in capsys.readouterr().err
+    assert victim.read_bytes() == kept and not (out / "acts-00001.npy").is_symlink()
+    for a, b in zip(before, cache_arrays(out), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_second_harvest_into_one_cache_is_refused(tmp_path, tiny_checkpoint, text_corpus):
+    import os
+
+    from activations.guard import DirLock, LockedError
+
+    out = tmp_path / "c"
+    with DirLock(out, "cache"):  # another harvest holds the cache (a second DirLock conflicts, as in a process)
+        for overwrite in (False, True):
+            with pytest.raises(LockedError, match=f"PID {os.getpid()}"):
+                run(out, tiny_checkpoint, text_corpus, overwrite=overwrite)
+    assert not out.exists()  # refused before anything was made
+    run(out, tiny_checkpoint, text_corpus)
+    from activations.loader import ActivationLoader
+
+    loader = ActivationLoader(out, 64)  # a reader (train, eval, dashboard)
+    with pytest.raises(LockedError):
+        run(out, tiny_checkpoint, text_corpus, overwrite=True, context=16)
+    assert read_manifest(out)["settings"]["context"] == 32
+    loader.close()
+    run(out, tiny_checkpoint, text_corpus, overwrite=True, context=16)
+
+
+def test_harvest_records_its_checksums_for_the_first_reader(tmp_path, tiny_checkpoint, text_corpus, monkeypatch):
+    import activations.checksums as checksums
+    from activations.loader import ActivationLoader
+
+    out = tmp_path / "c"
+    run(out, tiny_checkpoint, text_corpus)
+    calls = []
+    monkeypatch.setattr(checksums, "sha256_file", lambda path, *a, **kw: calls.append(path) or "0" * 64)
+    ActivationLoader(out, 64).close()
+    assert calls == []  # the harvest hashed every shard as it wrote it
+    assert run(out, tiny_checkpoint, text_corpus).built_shards == 0  # its record is part of the cache

@@ -74,3 +74,168 @@ def test_breaking_out_early_stops_the_prefetch_thread(cache):
     for _ in zip(range(2), loader, strict=False):
         pass
     assert not [t for t in threading.enumerate() if t.name == "vsae-prefetch" and t.is_alive()]
+
+
+# --- reading a cache safely: checksums on first read, shared lock, one-line errors --------------------------------
+
+
+@pytest.fixture
+def small(tmp_path):
+    from tests.synthetic import planted_features, synthetic_cache
+
+    rows, _ = planted_features(16 * 40, d_in=8, n_features=32)
+    return synthetic_cache(tmp_path / "cache", rows)
+
+
+def flip_byte(path, offset=-5):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def count_hashes(monkeypatch):
+    import activations.checksums as checksums
+
+    calls = []
+    real = checksums.sha256_file
+
+    def counted(path, *a, **kw):
+        calls.append(path.name)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(checksums, "sha256_file", counted)
+    return calls
+
+
+def test_flipped_byte_is_refused_naming_the_shard_and_the_fix(small):
+    import os
+
+    from activations.cache import CacheError
+
+    ActivationLoader(small, 16).close()
+    shard = small / "acts-00000.npy"
+    st = shard.stat()
+    flip_byte(shard)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: still caught (ctime, inode)
+    with pytest.raises(CacheError, match=r"shard acts-00000.npy fails its sha256 check.*rerun the same `vsae harv"):
+        ActivationLoader(small, 16)
+    flip_byte(shard)  # restored: usable again
+    ActivationLoader(small, 16).close()
+
+
+def test_tokens_file_is_verified_too(small):
+    from activations.cache import CacheError, sequence_tokens
+
+    flip_byte(small / "tokens-00000.npy")
+    with pytest.raises(CacheError, match="tokens-00000.npy fails its sha256 check"):
+        sequence_tokens(small, np.array([0]))
+
+
+def test_each_file_is_hashed_once_then_recorded(small, monkeypatch, tmp_path):
+    import json
+
+    import activations.checksums as checksums
+    from activations.checksums import RECORD
+
+    (small / RECORD).unlink()  # as if copied without its record
+    calls = count_hashes(monkeypatch)
+    ActivationLoader(small, 16).close()
+    assert sorted(calls) == ["acts-00000.npy", "tokens-00000.npy"]
+    assert set(json.loads((small / RECORD).read_text())["files"]) == {"acts-00000.npy", "tokens-00000.npy"}
+    ActivationLoader(small, 16).close()
+    open_shards(small)
+    assert len(calls) == 2  # later opens (a new process reads the same record) hash nothing
+
+    # A cache the user cannot write: the record goes under vsae's cache dir instead.
+    (small / RECORD).unlink()
+    monkeypatch.setenv("VSAE_CACHE_DIR", str(tmp_path / "vsae-cache"))
+    real_write = checksums.write_text_atomic
+
+    def read_only_cache(path, text):
+        if path.parent == small:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_write(path, text)
+
+    monkeypatch.setattr(checksums, "write_text_atomic", read_only_cache)
+    ActivationLoader(small, 16).close()
+    ActivationLoader(small, 16).close()
+    assert len(calls) == 4 and not (small / RECORD).exists()
+    assert len(list((tmp_path / "vsae-cache" / "verified").glob("*.json"))) == 1
+
+
+def test_truncated_shard_is_named_before_mapping(small):
+    from activations.cache import CacheError
+
+    shard = small / "acts-00000.npy"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(CacheError, match=r"shard acts-00000.npy is truncated \(.* of .* bytes\); rerun the same"):
+        ActivationLoader(small, 16)
+
+
+def test_loader_holds_a_shared_lock_while_it_reads(small):
+    import gc
+
+    from activations.guard import DirLock, LockedError
+
+    loader = ActivationLoader(small, 16)
+    second = ActivationLoader(small, 16)  # readers share
+    with pytest.raises(LockedError, match="in use by another vsae process"):
+        DirLock(small, "cache").__enter__()  # what `vsae harvest --overwrite` takes
+    loader.close()
+    acts = open_shards(small)[1]
+    view = acts[0][:3]
+    del second, acts
+    gc.collect()
+    with pytest.raises(LockedError):  # a view of a shard still reads it
+        DirLock(small, "cache").__enter__()
+    del view
+    with DirLock(small, "cache"):
+        with pytest.raises(LockedError):  # and a cache being written is not read
+            ActivationLoader(small, 16)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.pop("settings"), "no settings"),
+    (lambda m: m.pop("d_in"), "no d_in"),
+    (lambda m: m.update(shards=[]), "shards must be n_shards = 1 entries"),
+    (lambda m: m.update(mean_squared_norm=None), "mean_squared_norm must be a number in a complete cache"),
+    (lambda m: m.update(d_in=-4), r"d_in must be an integer in \[1, "),
+    (lambda m: m.update(n_sequences=10**15), "n_sequences must be"),
+    (lambda m: m["shards"][0].update(n_tokens="16"), r"shards\[0\].n_tokens must be an integer"),
+    (lambda m: m["shards"][0].update(file="../victim.npy"), r"shards\[0\].file must be a plain .* '../victim.npy'"),
+    (lambda m: m["shards"][0].update(file="/tmp/victim.npy"), "must be a plain file name"),
+    (lambda m: m["shards"][0].update(tokens_file="acts-00000.npy"), "must be 'tokens-00000.npy'"),
+    (lambda m: m["settings"].update(dtype="object"), "settings.dtype must be a float dtype"),
+])
+def test_damaged_manifest_is_one_cache_error(small, edit, match):
+    import json
+
+    from activations.cache import MANIFEST, CacheError, read_manifest
+
+    m = json.loads((small / MANIFEST).read_text())
+    edit(m)
+    (small / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(CacheError, match=match):
+        read_manifest(small)
+    with pytest.raises(CacheError, match=match):
+        ActivationLoader(small, 16)
+
+
+@pytest.mark.parametrize("text, match", [("[1, 2]", "a JSON list, not a manifest"), ("{", "unreadable JSON"),
+                                         ("[" * 100_000, "unreadable JSON")])
+def test_manifest_that_is_not_an_object(small, text, match):
+    from activations.cache import MANIFEST, CacheError, read_manifest
+
+    (small / MANIFEST).write_text(text)
+    with pytest.raises(CacheError, match=match):
+        read_manifest(small)
+
+
+def test_shard_symlink_leading_out_is_refused(small, tmp_path):
+    from activations.cache import CacheError
+
+    outside = tmp_path / "elsewhere.npy"
+    (small / "acts-00000.npy").rename(outside)  # the very bytes the manifest expects, but outside the cache
+    (small / "acts-00000.npy").symlink_to(outside)
+    with pytest.raises(CacheError, match="leads outside"):
+        ActivationLoader(small, 16)

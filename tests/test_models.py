@@ -55,3 +55,20 @@ def test_missing_model_offline_names_it_and_the_fix(monkeypatch):
 def test_model_path_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
         load_model(ModelSource(path=str(tmp_path)))
+
+
+def test_pickle_weights_are_refused_with_the_conversion(tmp_path, tiny_checkpoint):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    for f in tiny_checkpoint.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    torch.save(load_file(tiny_checkpoint / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"pytorch_model.bin but no .safetensors.*save_pretrained"):
+        load_model(ModelSource(path=str(tmp_path)))
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelLoadError, match="no model.safetensors"):
+        load_model(ModelSource(path=str(tmp_path)))

@@ -47,6 +47,9 @@ def test_sigkill_twice_then_resume_equals_uninterrupted(tmp_path, tiny_checkpoin
         time.sleep(rng.random() * 0.05)  # land anywhere inside the next shard's work
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        if not (killed / "manifest.json").exists():  # killed before its first manifest (a slow start under load)
+            listed.append(0)
+            continue
         m = read_manifest(killed)
         assert not m["complete"], "the harvest finished before it was killed; make it longer"
         listed.append(len(m["shards"]))

@@ -148,7 +148,8 @@ def test_unwritable_out_is_one_clear_error(tmp_path, cache):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
     r = subprocess.run(study_cmd(cache, plan, tmp_path / "file" / "s"), env=env, capture_output=True, text=True)
     assert r.returncode == 2
-    assert re.fullmatch(r"vsae study: error: cannot write the study .*file/s: .*\n", r.stderr), r.stderr
+    expected = r"vsae study: error: --out .*file/s: .*file is a file, not a directory; .*\n"
+    assert re.fullmatch(expected, r.stderr), r.stderr
 
 
 def test_disk_full_during_eval_leaves_no_complete_looking_eval(tmp_path, cache, monkeypatch):
@@ -159,7 +160,7 @@ def test_disk_full_during_eval_leaves_no_complete_looking_eval(tmp_path, cache, 
     def full(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(evals.driver, "_write_json", full)
+    monkeypatch.setattr(evals.driver, "write_json", full)
     out = tmp_path / "s"
     cfg = StudyConfig(cache=str(cache), plan=str(write_plan(tmp_path / "p.toml")), out=str(out), progress=False)
     with pytest.raises(StudyError, match="No space left on device.*rerun the same command"):

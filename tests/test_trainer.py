@@ -54,7 +54,7 @@ def test_run_directory_and_log(tmp_path, small_cache):
     assert lines[-1]["l0"] <= 4
     state = weights(run)
     torch.testing.assert_close(state["param.W_dec"].norm(dim=1), torch.ones(64))
-    assert not list(tmp_path.glob(".r*"))  # no temp or old checkpoint left behind
+    assert [p.name for p in tmp_path.glob(".r*")] == []  # no temp, old checkpoint or lock file left behind
 
 
 @pytest.mark.parametrize("sae_cfg", [SAEConfig(d_sae=64, k=4),

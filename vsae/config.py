@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import types
+import typing
 from dataclasses import dataclass, field, fields, replace
 
 DECODERS = ("unit", "free")
@@ -38,6 +40,7 @@ class SAEConfig:
     def validate(self, d_in: int | None = None) -> None:
         from vsae.variants import VARIANTS
 
+        check_types(self)
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.d_sae <= 0:
@@ -140,6 +143,32 @@ def apply_preset(name: str, sae: SAEConfig, train: TrainConfig) -> tuple[SAEConf
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     sae_over, train_over = PRESETS[name]
     return replace(sae, **sae_over), replace(train, **train_over)
+
+
+def check_types(cfg: object) -> None:
+    """A ValueError naming the first field whose value does not have the field's type (a sweep or plan file can
+    say `k = "abc"`); ints are accepted where floats are expected, bools nowhere else."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value, tp = getattr(cfg, f.name), hints[f.name]
+        allowed = typing.get_args(tp) if typing.get_origin(tp) in (types.UnionType, typing.Union) else (tp,)
+        ok = any(_is_a(value, a) for a in allowed)
+        if not ok:
+            names = " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a)) for a in allowed)
+            raise ValueError(f"{f.name} must be {names}, got {value!r}")
+
+
+def _is_a(value: object, tp: object) -> bool:
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(tp)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, tp) if isinstance(tp, type) else True
 
 
 def diff_fields(a: dict, b: dict) -> list[str]:

@@ -9,15 +9,16 @@
 
 Each checkpoint is a complete new directory that replaces the old one by
 rename, so a run killed at any moment leaves the previous checkpoint intact.
-Every other module names these files through the constants here.
+cfg.json + train.json are the run's marker: vsae replaces only a directory
+that has both (`vsae.outputs`), and one trainer at a time holds it
+(`claim_run`). Every other module names these files through the constants here.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from activations.atomic import fsync_dir
+from activations.guard import UnsafePathError, inside
 from vsae.checkpoint import CFG_FILENAME, CheckpointError, SAEWeights, write_sae
 from vsae.checkpoint import SPARSITY_FILENAME as SPARSITY_FILENAME
 from vsae.checkpoint import WEIGHTS_FILENAME as WEIGHTS_FILENAME
 from vsae.config import TrainConfig
+from vsae.outputs import claim, replace_dir
 
 TRAIN_JSON = "train.json"
 STATE_FILE = "trainer_state.safetensors"
@@ -45,41 +47,34 @@ class RunError(RuntimeError):
 
 
 def is_run(path: Path) -> bool:
-    return (path / TRAIN_JSON).is_file()
+    """Whether `path` is a run vsae trained (its marker: cfg.json and train.json). A SAELens checkpoint has only
+    cfg.json: vsae reads it but never replaces it."""
+    path = Path(path)
+    return (path / TRAIN_JSON).is_file() and (path / CFG_FILENAME).is_file()
 
 
-def recover(path: Path) -> None:
-    """Finish a swap that a kill interrupted: the old checkpoint waits beside the run, renamed."""
-    old = path.with_name(f".{path.name}.old")
-    if not path.exists() and old.exists():
-        os.replace(old, path)
-    elif old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+@contextmanager
+def claim_run(path: Path, resume: bool) -> Iterator[None]:
+    """Hold the run directory `path` for the whole training (one writer), after checking vsae may write it: absent,
+    empty, or a vsae run, and a run only with `resume`. A kill's leftovers (a swap cut short, temps) are finished
+    first, so the check sees the last complete checkpoint."""
+    with claim(path, is_run, "run", f"{CFG_FILENAME} + {TRAIN_JSON}", RunError):
+        if is_run(path) and not resume:
+            raise RunError(f"--out {path} holds a run already; pass --resume to continue it, or choose another --out")
+        yield
 
 
 def write_run(path: Path, *, weights: SAEWeights, metadata: dict, sparsity: torch.Tensor, info: dict,
               state: dict[str, torch.Tensor], log_lines: list[dict]) -> None:
-    """Write a complete checkpoint into a temp dir beside `path`, then swap it in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    """Write a complete checkpoint into a temp dir beside `path`, then swap it in (only over a vsae run)."""
+
+    def build(tmp: Path) -> None:
         write_sae(tmp, weights, metadata, feature_sparsity=sparsity)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / STATE_FILE))
         (tmp / LOG_FILE).write_text("".join(json.dumps(line) + "\n" for line in log_lines))
         (tmp / TRAIN_JSON).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        tmp.chmod(0o755)
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"cannot write the checkpoint {path}: {e}; the previous checkpoint is kept") from e
+
+    replace_dir(path, build, is_run, "checkpoint", RunError)
 
 
 def read_json(path: Path) -> dict:
@@ -94,7 +89,7 @@ def read_json(path: Path) -> dict:
 def _read_log(path: Path) -> list[dict]:
     lines = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:
@@ -102,6 +97,34 @@ def _read_log(path: Path) -> list[dict]:
             if isinstance(entry, dict):
                 lines.append(entry)
     return lines
+
+
+def read_resume_files(path: Path) -> tuple[dict, list[dict]]:
+    """(train.json, log.jsonl) of a run to resume, strictly: a file vsae did not write as it is (not JSON, cut, not
+    an object) is a CheckpointError naming it and the fix, where readers of finished runs skip it."""
+    train_path, log_path = path / TRAIN_JSON, path / LOG_FILE
+    fix = f"restore it from a copy, or train into a new --out (the run {path} cannot be resumed as it is)"
+    try:
+        saved = json.loads(train_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{train_path}: unreadable ({e}); {fix}") from e
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{train_path}: expected a JSON object, got {type(saved).__name__}; {fix}")
+    log = []
+    try:
+        text = log_path.read_text() if log_path.exists() else ""
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{log_path}: unreadable ({e}); {fix}") from e
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{log_path}: line {number} is not a JSON object (cut or edited); delete that line "
+                                  f"(the checkpoint does not need it) and rerun, or train into a new --out")
+        log.append(entry)
+    return saved, log
 
 
 @dataclass(frozen=True)
@@ -163,11 +186,15 @@ class RunDir:
                 out[k] = train[k]
         return out
 
-    def figure_file(self, relative: str | None) -> Path | None:
-        """A file that eval.json names relative to the run directory, if it exists."""
+    def figure_file(self, relative: object) -> Path | None:
+        """A file that eval.json names relative to the run directory, if it exists there: a name leading outside
+        the run (`..`, an absolute path, a symlink out) reads as missing, so no page shows a file it names."""
         if not relative:
             return None
-        path = self.path / relative
+        try:
+            path = inside(self.path, relative, "figure")
+        except UnsafePathError:
+            return None
         return path if path.is_file() else None
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,11 +19,22 @@ import torch
 from tqdm.auto import tqdm
 
 from activations.cache import manifest_hash, read_manifest
+from activations.guard import plain_name
 from activations.loader import ActivationLoader
 from vsae.checkpoint import CheckpointError
 from vsae.config import SAEConfig, TrainConfig, diff_fields, lr_at
 from vsae.firing import FiringCounter, fired_counts
-from vsae.run import TRAIN_JSON, RunError, is_run, read_run, read_trainer_state, recover, write_run
+from vsae.run import (
+    STATE_FILE,
+    TRAIN_JSON,
+    RunError,
+    claim_run,
+    is_run,
+    read_resume_files,
+    read_run,
+    read_trainer_state,
+    write_run,
+)
 from vsae.variants import TopKSAE, build_sae, geometric_median
 
 # Fields that may change between a run and its resumption without changing what is computed.
@@ -55,14 +68,32 @@ class SAEState:
 
 
 def run_paths(train: TrainConfig, saes: list[SAEConfig], names: list[str] | None = None) -> list[Path]:
-    """One SAE: `out` is its run. Several: `out/<name>` each, by default labelled by what differs."""
+    """One SAE: `out` is its run. Several: `out/<name>` each, by default labelled by what differs; a name (from a
+    sweep file) must be a plain folder name, so no run lands outside `out`."""
     out = Path(train.out)
     if len(saes) == 1:
         return [out]
     labels = names or [s.label(saes) for s in saes]
+    for label in labels:
+        plain_name(label, "run name")
     if len(set(labels)) != len(labels):
         labels = [f"{i:02d}-{label}" for i, label in enumerate(labels)]
     return [out / label for label in labels]
+
+
+@contextmanager
+def _claimed(paths: list[Path], resume: bool, rank: int, world_size: int) -> Iterator[None]:
+    """Rank 0 holds every run directory for the whole training (`claim_run`); the other ranks only read them,
+    once rank 0 has finished what a killed run left."""
+    with ExitStack() as claims:
+        if rank == 0:
+            for p in paths:
+                claims.enter_context(claim_run(p, resume))
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        yield
 
 
 def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = False,
@@ -87,40 +118,41 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
             "train_tokens_available": loader.n_tokens, "versions": _versions()}
 
     paths = run_paths(train_cfg, sae_cfgs, names)
-    states = [_open_state(p, c, train_cfg, info, resume, device, sparse, loader, world_size)
-              for p, c in zip(paths, sae_cfgs, strict=True)]
-    start = min(s.step for s in states)
-    if start >= n_steps:
-        return paths
-    bar = tqdm(total=n_steps, initial=start, unit="step", desc="train", disable=not train_cfg.progress or rank > 0)
-    batches = loader.stream(start, rank=rank, world_size=world_size)
-    t_last, tok_last = time.perf_counter(), 0
-    try:
-        for step in range(start, n_steps):
-            x = next(batches) / scale
-            for s in states:
-                if s.step == step:  # a state saved later than another (killed between saves) waits
-                    update_step(s, x, step, n_steps, train_cfg, bf16, world_size)
-            tok_last += x.shape[0] * world_size
-            done = step + 1
-            if done % train_cfg.log_every == 0 or done == n_steps:
-                now = time.perf_counter()
-                tok_s = tok_last / (now - t_last)
+    with _claimed(paths, resume, rank, world_size):
+        states = [_open_state(p, c, train_cfg, info, resume, device, sparse, loader, world_size)
+                  for p, c in zip(paths, sae_cfgs, strict=True)]
+        start = min(s.step for s in states)
+        if start >= n_steps:
+            return paths
+        bar = tqdm(total=n_steps, initial=start, unit="step", desc="train", disable=not train_cfg.progress or rank > 0)
+        batches = loader.stream(start, rank=rank, world_size=world_size)
+        t_last, tok_last = time.perf_counter(), 0
+        try:
+            for step in range(start, n_steps):
+                x = next(batches) / scale
                 for s in states:
-                    s.log.append(_log_line(s, done, train_cfg, tok_s))
-                bar.set_postfix(_postfix(states[0].log[-1]))
-                t_last, tok_last = now, 0
-            if (done % train_cfg.checkpoint_every == 0 or done == n_steps) and rank == 0:
-                for s in states:
+                    if s.step == step:  # a state saved later than another (killed between saves) waits
+                        update_step(s, x, step, n_steps, train_cfg, bf16, world_size)
+                tok_last += x.shape[0] * world_size
+                done = step + 1
+                if done % train_cfg.log_every == 0 or done == n_steps:
+                    now = time.perf_counter()
+                    tok_s = tok_last / (now - t_last)
+                    for s in states:
+                        s.log.append(_log_line(s, done, train_cfg, tok_s))
+                    bar.set_postfix(_postfix(states[0].log[-1]))
+                    t_last, tok_last = now, 0
+                if (done % train_cfg.checkpoint_every == 0 or done == n_steps) and rank == 0:
+                    for s in states:
+                        _save(s, info, scale, n_steps)
+                bar.update(1)
+        except KeyboardInterrupt:
+            if rank == 0:
+                for s in states:  # every state is consistent between steps: keep the work done
                     _save(s, info, scale, n_steps)
-            bar.update(1)
-    except KeyboardInterrupt:
-        if rank == 0:
-            for s in states:  # every state is consistent between steps: keep the work done
-                _save(s, info, scale, n_steps)
-        raise
-    finally:
-        bar.close()
+            raise
+        finally:
+            bar.close()
     return paths
 
 
@@ -202,12 +234,6 @@ def _open_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, info: dict, 
                 sparse: bool, loader: ActivationLoader, world_size: int) -> SAEState:
     """A fresh SAE state, or the saved one when resuming (after checking it is the same run)."""
     cfg.validate(info["d_in"])
-    recover(path)
-    if path.exists() and not resume:
-        if is_run(path):
-            raise RunError(f"--out {path} holds a run already; pass --resume to continue it, or choose another --out")
-        if any(path.iterdir()):
-            raise RunError(f"--out {path} is not empty and holds no vsae run; choose another --out")
     s = fresh_state(path, cfg, train_cfg, info["d_in"], info["n_steps"], device, sparse)
     s.info = _run_info(info, cfg, train_cfg, s.dead_after)
     if resume and is_run(path):
@@ -233,10 +259,21 @@ def _comparable(run_info: dict) -> dict:
 
 
 def _restore(s: SAEState, path: Path, info: dict) -> None:
-    run = read_run(path)
-    if run.train is None:
-        raise CheckpointError(f"{path}: cannot read its {TRAIN_JSON}; the run cannot be resumed")
-    saved, state = run.train, read_trainer_state(path)
+    saved, log = read_resume_files(path)
+    state = read_trainer_state(path)
+    try:
+        _restore_from(s, path, info, saved, state)
+    except (RunError, CheckpointError):
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        # a train.json or trainer state vsae did not write as it is: missing keys, wrong types or shapes
+        raise CheckpointError(f"{path}: its {TRAIN_JSON} and {STATE_FILE} do not describe this run "
+                              f"({type(e).__name__}: {e}); the run cannot be resumed: restore them from a copy, or "
+                              f"train into a new --out") from e
+    s.log = log
+
+
+def _restore_from(s: SAEState, path: Path, info: dict, saved: dict, state: dict[str, torch.Tensor]) -> None:
     if saved["d_in"] != info["d_in"]:
         raise RunError(f"the cache's activations have width {info['d_in']} but the run {path} was trained on "
                        f"width {saved['d_in']}; resume it on its own cache ({saved['cache']})")
@@ -257,7 +294,6 @@ def _restore(s: SAEState, path: Path, info: dict) -> None:
     s.generator.set_state(state["rng"])
     s.step = int(saved["step"])
     s.firing.n_tokens = s.step * s.info["train"]["batch_size"]
-    s.log = run.log
 
 
 def _init_b_dec(s: SAEState, loader: ActivationLoader, scale: float, device) -> None:

@@ -47,6 +47,12 @@ class TopKSAE(nn.Module):
     # nor names runs that differ only in them.
     own_fields: tuple[str, ...] = ()
 
+    @staticmethod
+    def inert(cfg: SAEConfig) -> str | None:
+        """Why this combination of the variant's own switches cannot change what is trained (None when it can);
+        a study skips such runs instead of training a copy."""
+        return None
+
     def __init__(self, cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         cfg.validate(d_in)
@@ -170,6 +176,13 @@ class VariationalTopKSAE(TopKSAE):
     """vSAE: mu = ReLU(pre), z = mu + sigma * eps (if `sample`), TopK by |z| keeping signs; + KL to N(0, 1)."""
 
     own_fields = ("sample", "variance", "kl_coef", "kl_warmup")
+
+    @staticmethod
+    def inert(cfg: SAEConfig) -> str | None:
+        """Why this combination of the variant's own switches cannot change what is trained (None when it can)."""
+        if cfg.variance == "learned" and not cfg.sample:
+            return "without sampling the learned variance reaches only the KL term, never the reconstruction"
+        return None
 
     def __init__(self, cfg: SAEConfig, d_in: int, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg, d_in, generator)
