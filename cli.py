@@ -95,22 +95,6 @@ def _int_list(flag: str, text: str) -> list[int]:
         raise ValueError(f"{flag} {text!r}: expected an integer or a comma list of integers, e.g. 32,64") from None
 
 
-def check_device(name: str) -> None:
-    """A one-line error for a device torch does not know or this machine does not have."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: vsae runs on cpu or cuda")
-
-
 def check_writable(path: str | Path, flag: str = "--out") -> None:
     """Refuse an output that cannot be written before any work starts: its nearest existing ancestor must be a
     writable directory (a file in the way, or a read-only place, would otherwise fail only at the first save)."""
@@ -127,10 +111,20 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {path}: {probe} is not writable; choose another {flag}")
 
 
+DEVICE_COMMANDS = ("harvest", "train", "eval", "dashboard", "compare", "study", "serve")
+
+
 def _preflight(args: argparse.Namespace) -> None:
     """Checks of the flags every command shares, before any work starts."""
-    if getattr(args, "device", None):
-        check_device(args.device)
+    from activations.devices import AUTO, resolve_device
+
+    if args.command in DEVICE_COMMANDS:
+        requested = getattr(args, "device", AUTO)  # train leaves unset flags out (a preset may fill them)
+        chosen = resolve_device(requested)
+        if hasattr(args, "device"):
+            args.device = chosen
+        if requested == AUTO:
+            print(f"device: {chosen} (auto)")
     if getattr(args, "out", None) and args.command != "build-tiny-model":
         check_writable(args.out)
 

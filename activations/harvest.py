@@ -31,6 +31,7 @@ from activations.cache import (
 )
 from activations.checksums import RECORD
 from activations.corpus import CorpusStats, corpus_documents, describe_corpus
+from activations.devices import resolve_device
 from activations.guard import DirLock, plain_name
 from activations.models import (
     EMBEDDED_MODEL,
@@ -64,13 +65,17 @@ class HarvestConfig:
     context: int = field(default=128, metadata={"help": "tokens per context window, BOS included"})
     dtype: str = field(default="float16", metadata={"help": "storage dtype of the activations"})
     batch_size: int = field(default=32, metadata={"help": "contexts per forward pass"})
-    device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda, cuda:1, ...)"})
+    device: str = field(default="auto", metadata={
+        "help": "torch device (cpu, cuda, cuda:1, ...); auto: CUDA when this machine has it, else CPU"})
     shard_tokens: int = field(default=1 << 17, metadata={
         "help": "rows per shard file (rounded down to whole contexts)"})
     keep_bos: bool = field(default=False, metadata={
         "help": "keep the BOS position of each context (dropped by default: its norm is an outlier)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing cache made with other settings"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from activations.cache import manifest_hash, open_shards
+from activations.devices import resolve_device
 from activations.loader import ActivationLoader
 from dashboards.feature_pages import (
     LatentExtras,
@@ -43,7 +44,7 @@ from dashboards.index_page import index_row, summary_html, write_index
 from dashboards.run_info import eval_density_histogram, eval_figure_files, eval_tsne_maps
 from dashboards.weights import decoder_neighbours, logit_effects
 from vsae.checkpoint import SAEWeights, read_sae
-from vsae.firing import log10_density_histogram
+from vsae.firing import log10_density_histogram, special_ids, special_mask
 from vsae.outputs import claim, replace_dir
 from vsae.run import RunDir, read_run
 
@@ -73,9 +74,13 @@ class DashboardConfig:
         "help": "cache rows to scan, rounded up to whole sequences (unset: the whole cache)"})
     neighbours: int = field(default=10, metadata={"help": "nearest latents by decoder cosine listed per latent"})
     batch_size: int = field(default=4096, metadata={"help": "rows per batch (rounded down to whole sequences)"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={
+        "help": "torch device; auto: CUDA when this machine has it, else CPU"})
     seed: int = field(default=0, metadata={"help": "seed of the uniform samples of firings"})
     progress: bool = field(default=True, metadata={"help": "progress bar"})
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
 
 
 def parse_features(spec: str, d_sae: int) -> tuple[torch.Tensor, int | None]:
@@ -119,7 +124,8 @@ def check_run_matches_cache(info: RunDir, manifest: dict, d_in: int, cache: str)
 def gather(sae, cache: str, rows_per_seq: int, latents: torch.Tensor, cfg: DashboardConfig) -> tuple:
     """One pass over the cache, in batches of whole sequences: (LatentStats, rows scanned)."""
     R = rows_per_seq
-    loader = ActivationLoader(cache, R * max(1, cfg.batch_size // R), split="all", shuffle=False)
+    loader = ActivationLoader(cache, R * max(1, cfg.batch_size // R), split="all", shuffle=False, with_tokens=True)
+    special = special_ids(loader.manifest)  # their rows are shown in contexts but never count as firings
     n_rows = loader.n_tokens if cfg.tokens is None else min(loader.n_tokens, -(-cfg.tokens // R) * R)
     if n_rows <= 0:
         raise DashboardError(f"the cache {cache} has no rows to scan")
@@ -132,11 +138,12 @@ def gather(sae, cache: str, rows_per_seq: int, latents: torch.Tensor, cfg: Dashb
     first = 0
     bar = tqdm(total=n_rows, unit="tok", unit_scale=True, desc="dashboard", disable=not cfg.progress)
     with torch.no_grad():
-        for x in loader:
+        for x, toks in loader:
             x = x[: n_rows - first].to(cfg.device)
+            counted = ~special_mask(toks[: x.shape[0], 0].to(cfg.device), special)
             code = sae.encode_topk(x)
-            rows, lat, v = select_firings(code.vals, code.idx, position)
-            g.update(rows, lat, v, x.shape[0], first)
+            rows, lat, v = select_firings(code.vals, code.idx, position, counted)
+            g.update(rows, lat, v, x.shape[0], first, n_counted=int(counted.sum()))
             first += x.shape[0]
             bar.update(x.shape[0])
             if first >= n_rows:
@@ -227,7 +234,7 @@ def _index_figures(scan: _Scan, tsne_maps: dict) -> list:
     """The index page's figures: density over the scanned tokens, eval's density, the t-SNE maps."""
     info, n_rows = scan.info, scan.n_rows
     figures = [["fig-density", figure_data(density_histogram_figure(
-        {"scanned tokens": log10_density_histogram(scan.stats.density, n_rows)},
+        {"scanned tokens": log10_density_histogram(scan.stats.density, scan.stats.n_tokens)},
         f"density of {scan.latents.numel()} latents, {n_rows:,} tokens")), False]]
     eval_hist = eval_density_histogram(info)
     if eval_hist:

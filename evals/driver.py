@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from activations.atomic import fsync_dir
 from activations.cache import manifest_hash, read_manifest
+from activations.devices import resolve_device
 from activations.guard import DirLock
 from activations.loader import ActivationLoader
 from activations.models import load_model, source_from_manifest
@@ -52,7 +53,8 @@ class EvalConfig:
         "help": "held-out rows whose latent activations give the independence statistics (with t-SNE too, "
                 "both use the larger of this and tsne_tokens)"})
     batch_size: int = field(default=4096, metadata={"help": "rows per batch"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={
+        "help": "torch device; auto: CUDA when this machine has it, else CPU"})
     seed: int = field(default=42, metadata={
         "help": "seed of the independence pair sample, the offline labelled sets and the probes"})
     labelled: str = field(default="offline", metadata={
@@ -62,6 +64,9 @@ class EvalConfig:
     labelled_train: int = field(default=4000, metadata={"help": "SCR / TPP training texts"})
     labelled_test: int = field(default=1000, metadata={"help": "SCR / TPP test texts"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
 
 
 def evaluate(runs: list[str | Path], cfg: EvalConfig) -> dict[str, dict]:
@@ -190,9 +195,9 @@ def recover_eval(run: Path) -> None:
 
 def _merge_existing(run: Path, doc: dict) -> dict:
     """Keep metrics of an earlier `vsae eval` that this one did not recompute, if on the same cache."""
-    old = read_run(run).eval or {}
-    if old.get("cache_hash") == doc["cache_hash"]:
-        doc["metrics"] = {**old.get("metrics", {}), **doc["metrics"]}
+    old = read_run(run)
+    if (old.eval or {}).get("cache_hash") == doc["cache_hash"]:
+        doc["metrics"] = {**old.metrics, **doc["metrics"]}
     return doc
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from activations.atomic import write_text_atomic
 from activations.cache import manifest_hash, read_manifest
+from activations.devices import resolve_device
 from activations.guard import DirLock, plain_name
 from dashboards.assets import CSS
 from dashboards.compare import CompareConfig, compare_runs
@@ -67,12 +68,16 @@ class StudyConfig:
     cache: str = field(metadata={"help": "activation cache directory (from vsae harvest)"})
     plan: str = field(metadata={"help": "plan TOML file, or a shipped plan: paper | controlled"})
     out: str = field(metadata={"help": "study directory (e.g. studies/NAME)"})
-    device: str = field(default="cpu", metadata={"help": "torch device for training and evaluation"})
+    device: str = field(default="auto", metadata={
+        "help": "torch device for training and evaluation; auto: CUDA when this machine has it, else CPU"})
     steps: int | None = field(default=None, metadata={
         "help": "override every run's training steps (and drop its tokens)"})
     metrics: list[str] | None = field(default=None, metadata={
         "help": "override the plan's eval metrics (unset: the plan's)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
 
 
 # ---------------------------------------------------------------- plan

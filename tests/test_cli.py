@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from cli import build_parser, main
@@ -228,3 +230,21 @@ def test_runs_lists_runs_with_settings_and_metrics(small_cache, tmp_path, capsys
     assert k2[:4] == ["k2", "topk", "32", "2"] and k4[:4] == ["k4", "topk", "32", "4"]
     assert k2[-1] == "-" and k4[-1] != "-"  # only k4 was evaluated
     assert main(["runs", str(tmp_path / "nothing")]) == 2
+
+
+def test_device_auto_is_the_default_and_is_printed(small_cache, tmp_path, capsys):
+    import torch
+
+    from evals.driver import EvalConfig
+    from vsae.config import TrainConfig
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert TrainConfig().device == expected and EvalConfig(cache="c").device == expected
+    assert TrainConfig(device="cpu").device == "cpu"
+    with pytest.raises(ValueError, match="not a torch device"):
+        TrainConfig(device="bogus")
+    argv = ["train", "--cache", str(small_cache), "--out", str(tmp_path / "r"), "--d-sae", "32", "--k", "2",
+            "--steps", "2", "--batch-size", "64", "--no-progress"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"device: {expected} (auto)"
+    assert json.loads((tmp_path / "r" / "train.json").read_text())["train"]["device"] == expected

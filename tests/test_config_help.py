@@ -7,6 +7,7 @@ import pkgutil
 
 import pytest
 
+from activations.devices import resolve_device
 from cli import _config, add_config_flags, build_parser, field_default, field_help
 
 PACKAGES = ("activations", "vsae", "evals", "dashboards", "pipeline")
@@ -84,6 +85,8 @@ def test_flag_defaults_are_the_field_defaults(command):
                 assert value == "x"
                 continue
             default = field_default(f)
+            if f.name == "device":
+                default = resolve_device(default)  # configs resolve `auto` when they are made
             if isinstance(default, list) and isinstance(value, str):
                 value = value.split(",")  # a comma-list flag the command parses
             assert value == default, f"vsae {command} --{f.name}: {value!r} != {default!r}"

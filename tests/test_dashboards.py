@@ -385,6 +385,21 @@ def test_compare_and_eval_agree_on_special_rows(tmp_path):
     assert (sae.encode_topk(x).to_dense(4)[:, 0] > 0).float().mean() == 1 / 8
 
 
+def test_dashboard_counts_no_firing_on_special_rows(tmp_path):
+    """The dashboard's densities count rows as `vsae eval` does: latent 0, firing only on special-token rows, is
+    dead there too, and the other latents' densities are over the non-special rows."""
+    cache = special_token_cache(tmp_path / "cache")
+    sae = SAEWeights(W_enc=torch.eye(4), b_enc=torch.zeros(4), W_dec=torch.eye(4), b_dec=torch.zeros(4), k=3,
+                     apply_b_dec_to_input=False)
+    run = save_run(tmp_path / "run", sae, "synthetic", model="special")
+    r = build_dashboard(run, DashboardConfig(cache=str(cache), out=str(tmp_path / "dash"), contexts=2,
+                                             progress=False))
+    assert r["dead"] == 1 and r["tokens"] == 100 * 8
+    stats, _ = gather(sae, str(cache), 8, torch.arange(4), DashboardConfig(cache=str(cache), out="x",
+                                                                           progress=False))
+    assert stats.n_tokens == 100 * 7 and int(stats.count[0]) == 0 and float(stats.density[1]) == 1.0
+
+
 def test_compare_page(dashboard, tmp_path):
     from tests.test_trainer import tcfg
     from vsae.config import SAEConfig

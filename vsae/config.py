@@ -7,6 +7,8 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 
+from activations.devices import resolve_device
+
 DECODERS = ("unit", "free")
 VARIANCES = ("fixed", "learned")
 B_DEC_INITS = ("geometric_median", "mean", "zero")
@@ -94,7 +96,8 @@ class TrainConfig:
     adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (first-moment decay)"})
     adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (second-moment decay)"})
     seed: int = field(default=42, metadata={"help": "seed of the batch order and of the SAE init"})
-    device: str = field(default="cpu", metadata={"help": "torch device (cpu, cuda, cuda:1, ...)"})
+    device: str = field(default="auto", metadata={
+        "help": "torch device (cpu, cuda, cuda:1, ...); auto: CUDA when this machine has it, else CPU"})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (unset: on CUDA, off elsewhere)"})
     sparse: bool | None = field(default=None, metadata={
         "help": "sparse encode/decode kernels (unset: sparse on CPU, dense on CUDA: faster on each)"})
@@ -103,6 +106,9 @@ class TrainConfig:
     log_every: int = field(default=50, metadata={"help": "steps between log.jsonl lines"})
     checkpoint_every: int = field(default=1000, metadata={"help": "steps between checkpoints"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
 
     def learning_rate(self, d_sae: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
