@@ -307,6 +307,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dashboards.serve import ServeConfig, serve
+
+    serve(args.runs, _config(ServeConfig, args))
+    return 0
+
+
 # ---------------------------------------------------------------- parser: one function per command
 
 
@@ -419,8 +426,20 @@ def _add_demo(sub) -> None:
     add_config_flags(p, DemoConfig)
 
 
+def _add_serve(sub) -> None:
+    from dashboards.serve import ServeConfig
+
+    p = _command(sub, "serve", cmd_serve, "live app: test text, search, steering, ablation over runs",
+                 "Load the cache's model and the runs' SAEs once and serve a local web app: the top latents "
+                 "per token of a typed text, search by token or id, generation steered by clamped or added "
+                 "latents beside the plain one, per-token loss change of removing a latent, and the runs' "
+                 "dashboards. Binds 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("runs", nargs="+", help="run directories (vsae or SAELens topk checkpoints) of the cache's model")
+    add_config_flags(p, ServeConfig)
+
+
 COMMANDS = (_add_build_tiny_model, _add_harvest, _add_train, _add_eval, _add_dashboard, _add_compare,
-            _add_cache_info, _add_runs, _add_study, _add_demo)
+            _add_cache_info, _add_runs, _add_study, _add_demo, _add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
