@@ -46,3 +46,15 @@ def tiny_checkpoint(tmp_path_factory, text_corpus) -> Path:
     GPTNeoXForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`cuda`-marked tests run only where CUDA exists (CI and the dev machine have none)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)

@@ -216,3 +216,137 @@ def test_distributed_two_gloo_processes_match_one(tmp_path, small_cache):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in ("param.W_enc", "param.W_dec", "param.b_enc", "param.b_dec"):
         np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_non_finite_gradient_with_finite_loss_never_reaches_weights_or_checkpoint(tmp_path, small_cache,
+                                                                                  monkeypatch):
+    from vsae.variants import TopKSAE
+
+    real = TopKSAE.before_step
+    calls = []
+
+    def poisoned(self):
+        calls.append(1)
+        if len(calls) == 10:  # step 9: without the check its NaN weights would be the step-10 checkpoint
+            self.W_dec.grad[0, 0] = float("nan")
+        real(self)
+
+    monkeypatch.setattr(TopKSAE, "before_step", poisoned)
+    with pytest.raises(NonFiniteLoss, match="gradient is not finite .*at step 9.*step 5"):
+        train(tcfg(small_cache, tmp_path / "r", checkpoint_every=5), [SAEConfig(d_sae=64, k=4)])
+    assert json.loads((tmp_path / "r" / "train.json").read_text())["step"] == 5
+    assert all(torch.isfinite(v.float()).all() for v in weights(tmp_path / "r").values())
+
+
+def test_interrupt_inside_a_step_saves_no_half_step(tmp_path, small_cache, monkeypatch):
+    """Ctrl-C after opt.step() but before the step counter moves: the last whole step's state is what resumes."""
+    from vsae.variants import TopKSAE
+
+    cfg = SAEConfig(d_sae=64, k=4, dead_after=512)
+    [straight] = train(tcfg(small_cache, tmp_path / "straight", checkpoint_every=5), [cfg])
+    real = TopKSAE.after_step
+    calls = []
+
+    def interrupted(self):
+        real(self)
+        calls.append(1)
+        if len(calls) == 8:  # step 7, weights already updated
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TopKSAE, "after_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tcfg(small_cache, tmp_path / "r", checkpoint_every=5), [cfg])
+    assert json.loads((tmp_path / "r" / "train.json").read_text())["step"] == 5
+    monkeypatch.setattr(TopKSAE, "after_step", real)
+    train(tcfg(small_cache, tmp_path / "r", checkpoint_every=5), [cfg], resume=True)
+    a, b = weights(straight), weights(tmp_path / "r")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_sampled_vsae_firing_statistics_count_the_deterministic_code(tmp_path, small_cache, monkeypatch):
+    """Latents the exported encoder never selects (b_enc -100) are picked by the noise alone: not fired."""
+    from vsae.checkpoint import SPARSITY_FILENAME
+    from vsae.variants import VariationalTopKSAE
+
+    real_init = VariationalTopKSAE.__init__
+
+    def crippled(self, cfg, d_in, generator=None):
+        real_init(self, cfg, d_in, generator)
+        with torch.no_grad():
+            self.b_enc[cfg.d_sae // 2 :] = -100.0
+
+    monkeypatch.setattr(VariationalTopKSAE, "__init__", crippled)
+    cfg = SAEConfig(variant="vsae", d_sae=64, k=4, sample=True, dead_after=256)
+    [run] = train(tcfg(small_cache, tmp_path / "r"), [cfg])
+    state = weights(run)
+    assert float(state["param.b_enc"][32:].max()) < -99  # still never selected by the deterministic encoder
+    assert float(state["fire_count"][32:].sum()) == 0 and float(state["fire_count"][:32].sum()) > 0
+    assert int((state["tokens_since_fired"][32:] >= 256).sum()) == 32  # dead for AuxK
+    log10_density = next(iter(load_file(str(run / SPARSITY_FILENAME)).values()))
+    assert float(log10_density[32:].max()) <= -10 < float(log10_density[:32].max())  # SAELens: log10(0 + 1e-10)
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert all(line["l0"] <= 4 for line in lines)
+
+
+def _nan_rank_worker(rank: int, port: int, out: str, results, where: str) -> None:
+    import datetime
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from vsae.trainer import fresh_state, update_step
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    cfg = TrainConfig(cache="unused", out=out, steps=4, batch_size=32, lr=1e-3, progress=False)
+    s = fresh_state(Path(out) / f"rank{rank}", SAEConfig(d_sae=16, k=2), cfg, 8, 4, torch.device("cpu"),
+                    sparse=True, rank=rank)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(rank))
+    if rank == 1 and where == "input":
+        x[3, 2] = float("nan")
+    if rank == 1 and where == "gradient":  # after the gradients' all_reduce: only this rank sees it
+
+        def poison() -> None:
+            s.sae.W_dec.grad[0, 0] = float("nan")
+
+        s.sae.before_step = poison
+    try:
+        update_step(s, x, 0, 4, cfg, False, 2)
+        results.put((rank, "stepped"))
+    except NonFiniteLoss as e:
+        results.put((rank, f"NonFiniteLoss: {e}"))
+    except Exception as e:  # a peer that left mid-collective, or a timeout
+        results.put((rank, f"{type(e).__name__}: {e}"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("where", ["input", "gradient"])
+def test_distributed_ranks_agree_on_a_non_finite_step(tmp_path, where):
+    """One rank's NaN stops every rank with NonFiniteLoss before anyone steps, none waiting in an all_reduce."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_nan_rank_worker, args=(r, port, str(tmp_path), results, where)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        for _ in procs:
+            rank, what = results.get(timeout=120)
+            got[rank] = what
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(what.startswith("NonFiniteLoss") for what in got.values()), got
+    if where == "input":
+        assert "loss term mse is not finite at step 0" in got[1], got
+    else:
+        assert "gradient is not finite" in got[1] and "another rank" in got[0], got

@@ -147,7 +147,8 @@ def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tenso
     W_enc's own layout: store W_enc latent-major (a [d_sae, d_in] parameter passed as `.t()`) to spare a
     transpose copy in the forward and another in the backward (about 10% of this function pair's time).
     """
-    return _SparseEncode.apply(x, W_enc, b_enc, _check_idx(idx, W_enc.shape[1]))
+    # One dtype for every operand (W_enc's): under autocast x may arrive in bf16 while the weights are float32.
+    return _SparseEncode.apply(x.to(W_enc.dtype), W_enc, b_enc.to(W_enc.dtype), _check_idx(idx, W_enc.shape[1]))
 
 
 def sparse_decode(idx: Tensor, vals: Tensor, W_dec: Tensor) -> Tensor:
@@ -156,7 +157,9 @@ def sparse_decode(idx: Tensor, vals: Tensor, W_dec: Tensor) -> Tensor:
     idx [B, k] as for `sparse_encode`, vals [B, k], W_dec [d_sae, d_in]. Gradients for vals and W_dec (dense in
     W_dec's shape, nonzero on the selected rows only) are computed from the B*k selected pairs.
     """
-    return _SparseDecode.apply(_check_idx(idx, W_dec.shape[0]), vals, W_dec)
+    # vals are computed in W_dec's dtype (their gradient comes back in their own): under autocast a vSAE's vals
+    # are bf16 while W_dec is float32, and the CSR product takes one dtype.
+    return _SparseDecode.apply(_check_idx(idx, W_dec.shape[0]), vals.to(W_dec.dtype), W_dec)
 
 
 @torch.no_grad()

@@ -8,9 +8,11 @@ the whole algorithm.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +44,7 @@ RESUMABLE_CHANGES = ("progress", "device", "log_every", "checkpoint_every", "out
 
 
 class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN or inf; the last good checkpoint is kept."""
+    """A loss term or the gradient became NaN or inf; the step is not taken and the last good checkpoint is kept."""
 
 
 @dataclass
@@ -50,7 +52,9 @@ class SAEState:
     """One SAE being trained: the module, its optimiser, counters and log.
 
     `firing` counts each latent's firings over the whole run (float64, as saved in `fire_count`);
-    `tokens_since_fired` drives AuxK's dead mask.
+    `tokens_since_fired` drives AuxK's dead mask. `generator` draws the training noise on the training device,
+    reseeded every step from (seed, rank, step) so that ranks draw different noise and a resumed run, on any
+    device, draws what the uninterrupted one did. `pending` is True while a step is half applied.
     """
 
     path: Path
@@ -65,6 +69,9 @@ class SAEState:
     info: dict = field(default_factory=dict)  # train.json content, less step and tokens
     log: list[dict] = field(default_factory=list)
     window: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    rank: int = 0
+    pending: bool = False
 
 
 def run_paths(train: TrainConfig, saes: list[SAEConfig], names: list[str] | None = None) -> list[Path]:
@@ -101,7 +108,7 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
     """Train every SAE of `sae_cfgs` from the same batches; return their run directories."""
     manifest = read_manifest(train_cfg.cache)
     d_in = int(manifest["d_in"])
-    device = torch.device(train_cfg.device)
+    device = train_device(train_cfg.device, world_size)
     loader = ActivationLoader(train_cfg.cache, train_cfg.batch_size, split="train", seed=train_cfg.seed,
                               eval_fraction=train_cfg.eval_fraction, device=device)
     per_epoch = loader.n_tokens // train_cfg.batch_size
@@ -110,6 +117,9 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
     if n_steps <= 0:
         raise ValueError(f"the run must have at least one step, got {n_steps}")
     scale = math.sqrt(manifest["mean_squared_norm"])  # inputs are x / scale: unit mean squared norm
+    device = train_device(train_cfg.device, world_size)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # else every rank opens a context on GPU 0
     sparse = train_cfg.sparse if train_cfg.sparse is not None else device.type == "cpu"
     bf16 = train_cfg.bf16 if train_cfg.bf16 is not None else device.type == "cuda"
     info = {"cache": str(train_cfg.cache), "cache_hash": manifest_hash(manifest), "d_in": d_in,
@@ -119,7 +129,7 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
 
     paths = run_paths(train_cfg, sae_cfgs, names)
     with _claimed(paths, resume, rank, world_size):
-        states = [_open_state(p, c, train_cfg, info, resume, device, sparse, loader, world_size)
+        states = [_open_state(p, c, train_cfg, info, resume, device, sparse, loader, rank, world_size)
                   for p, c in zip(paths, sae_cfgs, strict=True)]
         start = min(s.step for s in states)
         if start >= n_steps:
@@ -148,8 +158,9 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
                 bar.update(1)
         except KeyboardInterrupt:
             if rank == 0:
-                for s in states:  # every state is consistent between steps: keep the work done
-                    _save(s, info, scale, n_steps)
+                for s in states:  # keep the work done; a half-applied step is not saved (its last checkpoint stays)
+                    if not s.pending:
+                        _save(s, info, scale, n_steps)
             raise
         finally:
             bar.close()
@@ -158,18 +169,19 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
 
 def update_step(s: SAEState, x: torch.Tensor, step: int, n_steps: int, cfg: TrainConfig, bf16: bool,
             world_size: int) -> None:
-    """One optimiser step of one SAE on a batch of normalised activations."""
+    """One optimiser step of one SAE on a batch of normalised activations.
+
+    The step is taken only when the loss and the gradient norm are finite on every rank (else NonFiniteLoss,
+    with the weights, optimiser and counters untouched).
+    """
     for group in s.opt.param_groups:
         group["lr"] = lr_at(step, n_steps, group["initial_lr"], cfg.lr_warmup_steps, cfg.lr_decay_start)
     dead = s.tokens_since_fired >= s.dead_after if s.cfg.aux_k_coef > 0 else None
+    s.generator.manual_seed(noise_seed(s.seed, s.rank, step))
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = s.sae.loss_terms(x, step / n_steps, dead, s.generator)
     terms = out.terms
     loss = sum(terms.values())
-    if not torch.isfinite(loss):
-        bad = [name for name, t in terms.items() if not torch.isfinite(t)]
-        raise NonFiniteLoss(f"{s.path}: loss term {', '.join(bad)} is not finite at step {step}; "
-                            f"the last checkpoint (step {_saved_step(s.path)}) is kept; lower --lr or check the cache")
     s.opt.zero_grad(set_to_none=True)
     loss.backward()
     fired = fired_counts(out.code, s.cfg.d_sae, s.firing.counts.dtype)
@@ -181,19 +193,56 @@ def update_step(s: SAEState, x: torch.Tensor, step: int, n_steps: int, cfg: Trai
             p.grad /= world_size
         dist.all_reduce(fired)
     s.sae.before_step()
-    torch.nn.utils.clip_grad_norm_(s.sae.parameters(), cfg.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(s.sae.parameters(), cfg.grad_clip)
+    finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
+    if world_size > 1:
+        # Every rank learns whether any rank's step is non-finite before anyone steps: all stop together
+        # instead of the healthy ones waiting forever in the next step's all_reduce.
+        flag = finite.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag.bool()
+    if not bool(finite):
+        raise NonFiniteLoss(_non_finite_message(s, terms, norm, step))
+    s.pending = True  # until the step counter moves, a saved state would hold half a step
     s.opt.step()
     s.sae.after_step()
     s.firing.add(fired, x.shape[0] * world_size)
     s.tokens_since_fired += x.shape[0] * world_size
     s.tokens_since_fired[fired > 0] = 0
     s.step = step + 1
+    s.pending = False
     stats = {name: float(t.detach()) for name, t in terms.items()}
     stats["loss"] = float(loss.detach())
-    stats["l0"] = float((out.vals > 0).sum(1).float().mean())
+    stats["l0"] = float((out.code.vals > 0).sum(1).float().mean())
     for name, v in stats.items():
         s.window[name] = s.window.get(name, 0.0) + v
     s.window["_n"] = s.window.get("_n", 0.0) + 1
+
+
+def _non_finite_message(s: SAEState, terms: dict[str, torch.Tensor], norm: torch.Tensor, step: int) -> str:
+    bad = [name for name, t in terms.items() if not torch.isfinite(t)]
+    if bad:
+        what = f"loss term {', '.join(bad)} is not finite"
+    elif not torch.isfinite(norm):
+        what = "the gradient is not finite (with a finite loss)"
+    else:
+        what = "another rank's loss or gradient is not finite"
+    return (f"{s.path}: {what} at step {step}; the step was not taken and the last checkpoint "
+            f"(step {_saved_step(s.path)}) is kept; lower --lr or check the cache")
+
+
+def noise_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one step's training noise on one rank: a hash, so no two (rank, step) pairs share a stream."""
+    digest = hashlib.blake2b(f"{seed}:{rank}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # a non-negative int64 for manual_seed
+
+
+def train_device(name: str, world_size: int = 1, env: Mapping[str, str] | None = None) -> torch.device:
+    """The device this process trains on: under DDP a bare "cuda" means this rank's GPU, cuda:LOCAL_RANK."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and world_size > 1:
+        device = torch.device("cuda", int((os.environ if env is None else env).get("LOCAL_RANK", 0)))
+    return device
 
 
 def _log_line(s: SAEState, step: int, cfg: TrainConfig, tok_s: float) -> dict:
@@ -213,11 +262,13 @@ def _postfix(line: dict) -> dict:
 
 
 def fresh_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, d_in: int, n_steps: int, device,
-                sparse: bool) -> SAEState:
+                sparse: bool, rank: int = 0) -> SAEState:
     """A newly initialised SAE with its optimiser and counters (b_dec not yet initialised)."""
     # One init seed for every SAE of a group: arms of a sweep start from the same weights where shapes match.
-    generator = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
-    sae = build_sae(cfg, d_in, generator).to(device)
+    # The init draws on the CPU, so every device starts from the same weights.
+    init = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
+    sae = build_sae(cfg, d_in, init).to(device)
+    generator = torch.Generator(device=device)  # the noise is drawn where the latents are
     sae.sparse = sparse
     lr = train_cfg.learning_rate(cfg.d_sae)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
@@ -227,14 +278,14 @@ def fresh_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, d_in: int, n
     dead_after = cfg.dead_after or min(10_000_000, max(1, n_steps * train_cfg.batch_size // 5))
     return SAEState(path, cfg, sae, opt, generator, dead_after,
                     torch.zeros(cfg.d_sae, dtype=torch.long, device=device),
-                    FiringCounter(cfg.d_sae, device=device, dtype=torch.float64))
+                    FiringCounter(cfg.d_sae, device=device, dtype=torch.float64), seed=train_cfg.seed, rank=rank)
 
 
 def _open_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, info: dict, resume: bool, device,
-                sparse: bool, loader: ActivationLoader, world_size: int) -> SAEState:
+                sparse: bool, loader: ActivationLoader, rank: int, world_size: int) -> SAEState:
     """A fresh SAE state, or the saved one when resuming (after checking it is the same run)."""
     cfg.validate(info["d_in"])
-    s = fresh_state(path, cfg, train_cfg, info["d_in"], info["n_steps"], device, sparse)
+    s = fresh_state(path, cfg, train_cfg, info["d_in"], info["n_steps"], device, sparse, rank)
     s.info = _run_info(info, cfg, train_cfg, s.dead_after)
     if resume and is_run(path):
         _restore(s, path, info)
@@ -291,7 +342,8 @@ def _restore_from(s: SAEState, path: Path, info: dict, saved: dict, state: dict[
                           "exp_avg_sq": state[f"adam.exp_avg_sq.{name}"].to(device)}
     s.tokens_since_fired.copy_(state["tokens_since_fired"])
     s.firing.counts.copy_(state["fire_count"])
-    s.generator.set_state(state["rng"])
+    # "rng" (saved for reference) is not restored: the noise is reseeded from (seed, rank, step) every step, which
+    # also lets a run resume on another device, whose generator state has another format.
     s.step = int(saved["step"])
     s.firing.n_tokens = s.step * s.info["train"]["batch_size"]
 

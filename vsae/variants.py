@@ -29,15 +29,13 @@ class TrainingLatents(NamedTuple):
 
 
 class TrainStepOutput(NamedTuple):
-    """What `loss_terms` hands the trainer: the weighted loss terms and the batch's code (detached)."""
+    """What `loss_terms` hands the trainer: the weighted loss terms, the training latents (detached) and `code`,
+    the deterministic TopK code the exported SAE computes for the batch, which every firing statistic counts."""
 
     terms: dict[str, Tensor]
     vals: Tensor
     idx: Tensor
-
-    @property
-    def code(self) -> TopKCode:
-        return TopKCode(self.vals, self.idx)
+    code: TopKCode
 
 
 class TopKSAE(nn.Module):
@@ -129,7 +127,13 @@ class TopKSAE(nn.Module):
         terms = {"mse": (x_hat - x).pow(2).sum(-1).mean(), **terms}
         if self.cfg.aux_k_coef > 0 and dead is not None and bool(dead.any()):
             terms["auxk"] = self.cfg.aux_k_coef * self.aux_loss(x_in, pre, x - x_hat.detach(), dead)
-        return TrainStepOutput(terms, vals.detach(), idx)
+        return TrainStepOutput(terms, vals.detach(), idx, self.firing_code(pre, vals, idx))
+
+    @torch.no_grad()
+    def firing_code(self, pre: Tensor, vals: Tensor, idx: Tensor) -> TopKCode:
+        """The batch's deterministic code (what `encode` computes), for firing statistics: TopK's training
+        latents are that code already."""
+        return TopKCode(vals.detach(), idx)
 
     def aux_loss(self, x_in: Tensor, pre: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
         """AuxK: the top `k_aux` dead latents reconstruct the residual, normalised by its variance."""
@@ -204,12 +208,38 @@ class VariationalTopKSAE(TopKSAE):
         logvar = self.log_variance(x_in)
         z = mu
         if self.cfg.sample:
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            eps = noise_like(mu, generator)
             z = mu + (eps if logvar is None else eps * (0.5 * logvar).exp())
         idx = z.detach().abs().topk(self.k, dim=1, sorted=False).indices
         vals = z.gather(1, idx)
         weight = self.cfg.kl_coef * kl_warmup(progress, self.cfg.kl_warmup)
         return TrainingLatents(vals, idx, pre, {"kl": weight * gaussian_kl(mu, logvar)})
+
+
+    @torch.no_grad()
+    def firing_code(self, pre: Tensor, vals: Tensor, idx: Tensor) -> TopKCode:
+        if not self.cfg.sample:
+            return super().firing_code(pre, vals, idx)
+        # The sampled latents are signed and noisy: counting them would describe the noise, not the exported
+        # deterministic encoder (noise alone would keep dead latents "alive" and hide them from AuxK).
+        det_vals, det_idx = pre.detach().topk(self.k, dim=1, sorted=False)
+        return TopKCode(det_vals.relu_(), det_idx)
+
+
+def noise_like(mu: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like `mu`, drawn on mu's device by `generator`, which must live there too
+    (PyTorch refuses a CPU generator for a CUDA tensor; checked here so a mismatch is named, even where a
+    device is only simulated)."""
+    if generator is not None and not same_device(generator.device, mu.device):
+        raise ValueError(f"the noise generator is on {generator.device} but the latents are on {mu.device}; "
+                         f"make the generator on the training device")
+    return torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same, an unindexed one ("cuda") standing for the current index."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def kl_warmup(progress: float, fraction: float) -> float:
