@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from tests.test_browser import ARTIFACTS, CHROMIUM_FLAGS, chromium_binary
+from tests.test_browser import ARTIFACTS, CHROMIUM_FLAGS, chromium_binary, new_page
 from tests.test_serve import live, served  # noqa: F401  (pytest fixtures: the app and uvicorn serving it)
 
 expect = None  # playwright's expect, set once playwright is found
@@ -40,15 +40,6 @@ def browser(tmp_path_factory, live):  # noqa: F811
         context.origin = origin
         yield context
         context.close()
-
-
-def new_page(context):
-    page = context.new_page()
-    log = context.log
-    page.on("console", lambda m: log["errors"].append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    page.on("pageerror", lambda e: log["errors"].append(f"uncaught: {e}"))
-    page.on("dialog", lambda d: (log["dialogs"].append(d.message), d.dismiss()))
-    return page
 
 
 def test_serve_app_in_chromium(browser, served):  # noqa: F811
