@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from activations.atomic import write_text_atomic
 from activations.cache import manifest_hash, read_manifest
+from activations.devices import resolve_device
 from activations.loader import ActivationLoader
 from dashboards.assets import CSS
 from dashboards.build import DASHBOARD_META, DashboardError
@@ -80,8 +81,12 @@ class CompareConfig:
         "help": f"N (latents ablated) at which the summary ranks runs by SCR and TPP; one of "
                 f"{', '.join(map(str, N_VALUES))}"})
     batch_size: int = field(default=4096, metadata={"help": "rows per batch"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={
+        "help": "torch device; auto: CUDA when this machine has it, else CPU"})
     progress: bool = field(default=True, metadata={"help": "progress bar"})
+
+    def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
 
 
 @dataclass
