@@ -244,6 +244,15 @@ CORE_DEFINITIONS = {
     "kl_score": "(KL_zero - KL_sae) / KL_zero, KL of the spliced next-token distribution to the clean one",
 }
 
+def _probe_metric_group(task: str, label: str, what: str, key: str) -> MetricGroup:
+    """SCR or TPP: the same shape of entry, scored at each N under `key` (with `{n}`) in the result's metrics."""
+    return MetricGroup(
+        task, _probe_group(task), {task: f"{what}, probes selected on a validation split"},
+        frozenset({"model"}), compare_rows=_probe_rows, paper=_probe_columns(task, key.replace("{n}", "{}")),
+        measured=lambda r, s: _on((label, s.get("labelled_test"), "labelled test texts")),
+        headlines=(Headline(f"{label} at N={{n}}", key, "higher", section="metrics"),))
+
+
 GROUPS = (
     MetricGroup(
         "core", _core, CORE_DEFINITIONS, frozenset({"stream", "model"}),
@@ -272,20 +281,10 @@ GROUPS = (
         {"ablation": "per latent i: on contexts where i fires, remove z_i * W_dec[i] from the spliced "
                      "reconstruction; mean increase of next-token CE and mean KL to the unablated spliced output"},
         frozenset({"stream", "model"})),
-    MetricGroup(
-        "tpp", _probe_group("tpp"),
-        {"tpp": "SAEBench targeted probe perturbation (METRICS.md section 5), probes selected on a validation split"},
-        frozenset({"model"}), compare_rows=_probe_rows,
-        paper=_probe_columns("tpp", "tpp_threshold_{}_total_metric"),
-        measured=lambda r, s: _on(("TPP", s.get("labelled_test"), "labelled test texts")),
-        headlines=(Headline("TPP at N={n}", "tpp_threshold_{n}_total_metric", "higher", section="metrics"),)),
-    MetricGroup(
-        "scr", _probe_group("scr"),
-        {"scr": "SAEBench spurious correlation removal (METRICS.md section 4), probes selected on a validation split"},
-        frozenset({"model"}), compare_rows=_probe_rows,
-        paper=_probe_columns("scr", "scr_metric_threshold_{}"),
-        measured=lambda r, s: _on(("SCR", s.get("labelled_test"), "labelled test texts")),
-        headlines=(Headline("SCR at N={n}", "scr_metric_threshold_{n}", "higher", section="metrics"),)),
+    _probe_metric_group("tpp", "TPP", "SAEBench targeted probe perturbation (METRICS.md section 5)",
+                        "tpp_threshold_{n}_total_metric"),
+    _probe_metric_group("scr", "SCR", "SAEBench spurious correlation removal (METRICS.md section 4)",
+                        "scr_metric_threshold_{n}"),
     MetricGroup(
         "independence", _independence,
         {"independence": "mean |Pearson rho| over pairs of alive latents, fraction |rho| > 0.3, mean max |cos| "
