@@ -111,7 +111,7 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {path}: {probe} is not writable; choose another {flag}")
 
 
-DEVICE_COMMANDS = ("harvest", "train", "eval", "dashboard", "compare", "study", "serve")
+DEVICE_COMMANDS = ("harvest", "synth", "train", "eval", "dashboard", "compare", "study", "serve")
 
 
 def _preflight(args: argparse.Namespace) -> None:
@@ -159,6 +159,13 @@ def cmd_harvest(args: argparse.Namespace) -> int:
     from activations.harvest import HarvestConfig, harvest
 
     print(harvest(_config(HarvestConfig, args)).line())
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from activations.synthetic import SynthConfig, synthesize
+
+    print(synthesize(_config(SynthConfig, args)).line())
     return 0
 
 
@@ -343,6 +350,17 @@ def _add_harvest(sub) -> None:
     add_config_flags(p, HarvestConfig, choices={"dtype": DTYPES})
 
 
+def _add_synth(sub) -> None:
+    from activations.synthetic import DTYPES, PRESETS, SynthConfig
+
+    p = _command(sub, "synth", cmd_synth, "write a synthetic cache with known features (SynthSAEBench)",
+                 "Draw activations from SAELens's SynthSAEBench generator (sae_lens.synthetic: superposed, "
+                 "correlated, hierarchical features) and write them as an ordinary cache, with the true "
+                 "dictionary and each row's true feature activations beside it for `vsae eval --metrics "
+                 "ground_truth`.")
+    add_config_flags(p, SynthConfig, choices={"preset": tuple(PRESETS), "dtype": DTYPES})
+
+
 def _add_train(sub) -> None:
     from vsae.config import B_DEC_INITS, DECODERS, PRESETS, VARIANCES, SAEConfig, TrainConfig
     from vsae.variants import VARIANTS
@@ -438,7 +456,7 @@ def _add_serve(sub) -> None:
     add_config_flags(p, ServeConfig)
 
 
-COMMANDS = (_add_build_tiny_model, _add_harvest, _add_train, _add_eval, _add_dashboard, _add_compare,
+COMMANDS = (_add_build_tiny_model, _add_harvest, _add_synth, _add_train, _add_eval, _add_dashboard, _add_compare,
             _add_cache_info, _add_runs, _add_study, _add_demo, _add_serve)
 
 

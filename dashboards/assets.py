@@ -50,6 +50,8 @@ table.summary td.best { background: #ecfdf3; font-weight: 600; }
 table.summary td.ns { color: var(--muted); }
 table.summary .mark, table.summary .ival { font-size: 11.5px; font-weight: 400; color: var(--muted); white-space: nowrap; }
 table.summary td.best .mark { color: #15803d; }
+table.summary .null { font-size: 11.5px; color: var(--muted); white-space: nowrap; }
+table.summary .mark.warn { color: #b45309; font-weight: 600; }
 table.summary td.note { min-width: 220px; } table.summary td.bestrun { min-width: 220px; }
 table.summary td:first-child, table.summary td:nth-child(2) { white-space: nowrap; }
 details.group { margin: 6px 0; } details > summary { cursor: pointer; font-weight: 600; margin: 6px 0; }
@@ -312,7 +314,7 @@ window.VSAE = (function () {
     stat("max activation", fmt(doc.max));
     stat("mean activation when firing", fmt(doc.mean));
     if (doc.ablation) {
-      stat("ablation \u0394CE", fmt(doc.ablation.ce_increase), "mean increase of next-token CE when the latent is removed (vsae eval)");
+      stat("ablation \u0394CE", fmt(doc.ablation.ce_increase), "mean increase of next-token CE at the positions where the latent fires, when it is removed (vsae eval)");
       stat("ablation KL", fmt(doc.ablation.kl));
     }
     parts.push(stats);

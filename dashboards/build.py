@@ -41,7 +41,7 @@ from dashboards.figures import density_histogram_figure, tsne_figure
 from dashboards.gather import GatherConfig, Gatherer, LatentStats, select_firings
 from dashboards.html import data_script, figure_data, install_assets, write_text
 from dashboards.index_page import index_row, summary_html, write_index
-from dashboards.run_info import eval_density_histogram, eval_figure_files, eval_tsne_maps
+from dashboards.run_info import eval_density_histogram, eval_figure_files, eval_tsne_maps, metric_summary
 from dashboards.weights import decoder_neighbours, logit_effects
 from vsae.checkpoint import SAEWeights, read_sae
 from vsae.firing import log10_density_histogram, special_ids, special_mask
@@ -252,9 +252,8 @@ def _summary(scan: _Scan, cfg: DashboardConfig, n_dead: int) -> str:
     """The index page's summary: the run, the scan, the last training log line, eval's core and density."""
     info, latents = scan.info, scan.latents
     shown = "all" if latents.numel() == scan.sae.d_sae else f"{latents.numel()} ({cfg.features})"
-    core = {k: v for k, v in (info.metrics.get("core") or {}).items()}
-    density_eval = {k: v for k, v in (info.metrics.get("density") or {}).items()
-                    if not isinstance(v, list | dict)}
+    core = metric_summary(info.metrics.get("core") or {})
+    density_eval = metric_summary(info.metrics.get("density") or {})
     last_log = info.log[-1] if info.log else {}
     config = info.config()
     headline = ("architecture", "sae.variant", "d_in", "d_sae", "k", "hook_name", "model", "tokens_seen")

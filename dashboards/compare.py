@@ -54,6 +54,7 @@ from dashboards.html import (
 )
 from dashboards.run_info import eval_density_histogram, eval_tsne_maps
 from dashboards.weights import DECODER_COSINE_DEFINITION, best_matches
+from evals.baseline import separated
 from evals.registry import BETTER, GROUPS, N_VALUES, Headline
 from vsae.checkpoint import SAEWeights, read_sae
 from vsae.firing import DENSE_THRESHOLD, FiringCounter, log10_density_histogram, special_ids, special_mask
@@ -187,7 +188,8 @@ def _densities(runs: list[Run], cache: str, cfg: CompareConfig) -> int:
     """Set the density of every run that matches the cache; returns the tokens counted."""
     if not runs:
         return 0
-    densities, seen = measure_densities([r.sae for r in runs], cache, runs[0].info.eval_fraction, cfg)
+    # The runs' common held-out rows, as `vsae eval` of these runs together scores them (evals/provenance.py).
+    densities, seen = measure_densities([r.sae for r in runs], cache, min(r.info.eval_fraction for r in runs), cfg)
     for r, density in zip(runs, densities, strict=True):
         r.density = density
     return seen
@@ -261,6 +263,7 @@ class HeadlineRow:
     marks: list[str]  # per run: BEST, NOT_SIGNIFICANT, NO_INTERVAL, or "" (none applies, or a difference whose
     # interval is disjoint from the best run's)
     note: str  # the row's significance statement (or why it has no direction)
+    nulls: list[dict | None] = field(default_factory=list)  # per run: its comparison with random SAEs, if any
 
 
 def headline_rows(metrics: list[dict], n: int) -> list[HeadlineRow]:
@@ -273,7 +276,12 @@ def headline_rows(metrics: list[dict], n: int) -> list[HeadlineRow]:
                     for m in metrics]
             if all(v is None for v, _ in read):
                 continue
-            rows.append(_rank(group.name, h, [v for v, _ in read], [i for _, i in read]))
+            row = _rank(group.name, h, [v for v, _ in read], [i for _, i in read])
+            row.nulls = [h.null(m[group.name], n) if isinstance(m.get(group.name), dict) else None for m in metrics]
+            unseparated = [i for i, c in enumerate(row.nulls) if separated(c) is False]
+            if unseparated:
+                row.note = (f"{NOT_SEPARATED} for {len(unseparated)} of {len(metrics)} runs; " + row.note)
+            rows.append(row)
     return rows
 
 
@@ -342,10 +350,50 @@ def _summary_cell(row: HeadlineRow, i: int) -> str:
            NO_INTERVAL: "" if row.note == NO_INTERVAL else "no interval"}.get(mark, "")
     if tag:
         text += f' <span class="mark">{esc(tag)}</span>'
+    text += _null_text(row.nulls[i] if i < len(row.nulls) else None)
     title = {NO_INTERVAL: NO_INTERVAL, NOT_SIGNIFICANT: "its interval overlaps the best run's",
              "": "its interval is disjoint from the best run's" if row.best and interval else ""}.get(mark, "")
     title_attr = f' title="{esc(title)}"' if title else ""
     return f'<td class="num {cls}"{title_attr}>{text}</td>'
+
+
+NOT_SEPARATED = "not separated from a random SAE"
+
+
+def _null_text(cmp: dict | None) -> str:
+    """A cell's line on the random-SAE null: trained - null mean, its interval, and the verdict."""
+    if not isinstance(cmp, dict) or _finite(cmp.get("difference")) is None:
+        return ""
+    diff = float(cmp["difference"])
+    text = f'<br><span class="null">vs random SAE: {"+" if diff >= 0 else ""}{fmt(diff, 3)}'
+    interval = cmp.get("interval")
+    if isinstance(interval, list) and len(interval) == 2:
+        text += f" [{fmt(interval[0], 3)}, {fmt(interval[1], 3)}]"
+    verdict = separated(cmp)
+    if verdict is False:
+        text += f' <span class="mark warn">{esc(NOT_SEPARATED)}</span>'
+    return text + "</span>"
+
+
+def _split_note(runs: list[Run]) -> str:
+    """Which sequences the runs were scored on, and a warning where they differ."""
+    splits = [(r.info.eval or {}).get("split") for r in runs]
+    known = [s for s in splits if isinstance(s, dict)]
+    if not known:
+        return ""
+    keys = {json.dumps({k: s.get(k) for k in ("kind", "eval_fraction", "n_sequences")}, sort_keys=True)
+            for s in known}
+    if len(keys) == 1 and len(known) == len(runs):
+        s = known[0]
+        what = ("the whole cache (--other-cache: trained on other data)" if s.get("kind") == "whole_cache" else
+                f"held-out sequences common to the runs (eval fraction {s.get('eval_fraction')})")
+        return f'<p class="note">Scored on {s.get("n_sequences")} sequences: {esc(what)}.</p>'
+    parts = [f"{esc(_label(r))}: {s.get('n_sequences')} sequences ({esc(str(s.get('kind')))}, fraction "
+             f"{s.get('eval_fraction')})" if isinstance(s, dict) else f"{esc(_label(r))}: unknown"
+             for r, s in zip(runs, splits, strict=True)]
+    return ('<p class="warn">These runs were scored on different sequences, so their numbers are not measured on '
+            "the same tokens: " + "; ".join(parts) + ". Evaluate them together (<code>vsae eval RUN1 RUN2 ...</code>)"
+            " to score each on the held-out sequences common to all.</p>")
 
 
 def _summary_section(runs: list[Run], n: int) -> str:
@@ -377,9 +425,10 @@ def _summary_section(runs: list[Run], n: int) -> str:
     return (f'<h2 id="summary">Summary: which run is better</h2>'
             f'<p class="note">One row per headline metric (SCR and TPP at N = {n}); \u2605 marks the best run in the '
             f"stated direction. Where eval.json gives intervals, a run whose interval overlaps the best run's is "
-            f"marked {NOT_SIGNIFICANT}; where it gives none, significance is not assessed. Hover a metric for its "
-            f"definition.</p>"
-            + (f'<p class="warn">{esc(warn)}</p>' if warn else "") + table_html + missing)
+            f"marked {NOT_SIGNIFICANT}; where it gives none, significance is not assessed. Under each number, where "
+            f"measured: the run minus random SAEs of the same shape with a paired 95% interval, marked "
+            f"{NOT_SEPARATED} where that interval includes 0. Hover a metric for its definition.</p>"
+            + _split_note(runs) + (f'<p class="warn">{esc(warn)}</p>' if warn else "") + table_html + missing)
 
 
 # --- the sparsity-fidelity frontier -------------------------------------------------------------------------------

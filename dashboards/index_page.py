@@ -25,7 +25,7 @@ COLUMNS = [
      "title": "most frequent tokens at the maximum of its top contexts"},
     {"key": "top_logits", "label": "top logits", "type": "text", "title": "tokens with the largest logit effect"},
     {"key": "ablation", "label": "ablation \u0394CE", "type": "num",
-     "title": "mean increase of next-token CE when the latent is ablated (vsae eval --metrics ablation)"},
+     "title": "mean CE increase where the latent fires, when it is ablated (vsae eval --metrics ablation)"},
 ]
 
 

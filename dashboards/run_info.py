@@ -24,6 +24,29 @@ def flat_scalars(d: dict, prefix: str = "", depth: int = 2) -> list[tuple[str, o
     return out
 
 
+def metric_summary(result: dict) -> dict[str, object]:
+    """One eval.json group as a page's summary shows it: its top-level scalars, each with its 95% interval where
+    measured, and for each number compared with random SAEs a line saying by how much it beats them and whether
+    the difference is significant (a number that does not separate a trained SAE from a random one says so)."""
+    out: dict[str, object] = {}
+    intervals = result.get("intervals") if isinstance(result.get("intervals"), dict) else {}
+    for k, v in result.items():
+        if isinstance(v, bool | int | float | str) or v is None:
+            out[k] = v
+            pair = intervals.get(k)
+            if isinstance(pair, list) and len(pair) == 2:
+                out[f"{k} 95% interval"] = f"[{pair[0]:.4g}, {pair[1]:.4g}]"
+    for k, c in (result.get("null") or {}).items():
+        if isinstance(c, dict) and isinstance(c.get("difference"), int | float):
+            text = f"{c['difference']:+.4g}"
+            if isinstance(c.get("interval"), list):
+                text += f" [{c['interval'][0]:.4g}, {c['interval'][1]:.4g}]"
+            if c.get("includes_zero") is True:
+                text += " (not separated from a random SAE)"
+            out[f"{k} minus random SAE"] = text
+    return out
+
+
 def eval_density_histogram(run: RunDir) -> dict | None:
     """eval.json's log10 density histogram as {"edges", "counts", "n_dead"?}, or None when it has none."""
     h = (run.metrics.get("density") or {}).get("log10_density_histogram")

@@ -19,13 +19,16 @@ import torch
 
 from activations.atomic import write_text_atomic
 from activations.cache import sequence_tokens
-from activations.loader import split_sequences
 from evals.figures import write_figure
+from evals.provenance import EvalSplit
 from vsae.checkpoint import CheckpointError, SAEWeights
 from vsae.run import DENSITY_FIGURE, FIGURES_DIR, read_run, read_trainer_state
 
 if TYPE_CHECKING:
     from evals.driver import EvalConfig
+
+
+LABELLED_STORE = ".vsae-labelled"  # inside the cache: model activations of the SCR/TPP texts
 
 
 class EvalError(RuntimeError):
@@ -39,6 +42,7 @@ class StreamStats:
     core: dict  # CoreAccumulator.result()
     firing: dict  # FiringCounter.result(): counts, density, dead/dense fractions, histogram
     sample: torch.Tensor | None  # dense codes of the first rows, for independence and t-SNE
+    blocks: dict | None = None  # CoreAccumulator.blocks(): the bootstrap units of explained variance
 
 
 @dataclass
@@ -46,12 +50,22 @@ class EvalContext:
     cfg: EvalConfig
     manifest: dict
     saes: dict[Path, SAEWeights]
-    eval_fraction: float
+    split: EvalSplit  # the sequences scored: the runs' common held-out split, or the whole cache
     staging: dict[Path, Path]  # run -> directory its figures are written into before the swap
-    stream: dict[Path, StreamStats] = field(default_factory=dict)
+    stream: dict[Path | str, StreamStats] = field(default_factory=dict)
+    # Random-SAE nulls (evals/null.py) by key, which of them each run is compared with, and those the group being
+    # computed still needs (the others' results come from the null store).
+    nulls: dict[str, SAEWeights] = field(default_factory=dict)
+    null_of: dict[Path, list[str]] = field(default_factory=dict)
+    active_nulls: dict[str, SAEWeights] = field(default_factory=dict)
+    data_mean: torch.Tensor | None = None
     load_model: Callable[[], Any] | None = None
     _model: Any = None
     _contexts: torch.Tensor | None = None
+
+    def subjects(self) -> dict[Path | str, SAEWeights]:
+        """The SAEs a null-aware group scores: the runs and the nulls not yet in the store."""
+        return {**self.saes, **self.active_nulls}
 
     @property
     def hook(self) -> str:
@@ -75,9 +89,20 @@ class EvalContext:
     def contexts(self) -> torch.Tensor:
         """The first `ce_contexts` held-out contexts, as token ids [n, context]."""
         if self._contexts is None:
-            _, held = split_sequences(int(self.manifest["n_sequences"]), self.eval_fraction)
+            held = self.split.sequences(int(self.manifest["n_sequences"]))
             self._contexts = torch.from_numpy(sequence_tokens(self.cfg.cache, held[: self.cfg.ce_contexts]))
         return self._contexts
+
+    def labelled_activations(self, data: Any) -> Any:
+        """Token activations of a labelled set's texts at the hook, from the store beside the cache when an earlier
+        eval computed them for the same model, hook and texts (`evals.probes.cached_token_activations`)."""
+        from evals.probes import cached_token_activations
+
+        key = {"model": self.manifest["settings"]["model"], "hook": self.hook, "set": data.description,
+               "weight_processing": self.manifest.get("weight_processing")}
+        store = Path(self.cfg.cache) / LABELLED_STORE
+        return cached_token_activations(self.model(), self.hook, data.texts, store=store, key=key,
+                                        device=self.cfg.device, progress=self.cfg.progress)
 
     def top_latents(self, run: Path, n: int) -> list[int]:
         """The n most frequent latents on the held-out rows."""

@@ -8,6 +8,7 @@ together, so a killed eval leaves the previous complete result.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -25,9 +27,12 @@ from activations.devices import resolve_device
 from activations.guard import DirLock
 from activations.loader import ActivationLoader
 from activations.models import load_model, source_from_manifest
-from evals import registry
-from evals.context import EvalContext, EvalError, StreamStats, write_json
+from evals import provenance, registry
+from evals.baseline import attach_bootstrap, attach_unpaired
+from evals.context import EvalContext, EvalError, StreamStats, _jsonable, write_json
 from evals.metrics import CoreAccumulator
+from evals.null import NULL_SEEDS, NullStore, null_saes
+from evals.scr_tpp import UNITS
 from vsae.checkpoint import CFG_FILENAME, SAEWeights, read_sae
 from vsae.code import TopKCode
 from vsae.firing import FiringCounter, special_ids, special_mask
@@ -64,6 +69,12 @@ class EvalConfig:
     labelled_train: int = field(default=4000, metadata={"help": "SCR / TPP training texts"})
     labelled_test: int = field(default=1000, metadata={"help": "SCR / TPP test texts"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+    null_seeds: int = field(default=3, metadata={
+        "help": "random SAEs of each run's d_sae and k scored beside it (0: none); their results are stored in "
+                "CACHE/.vsae-null and reused"})
+    other_cache: bool = field(default=False, metadata={
+        "help": "the runs were trained on other data: score them on this whole cache (else a run whose train.json "
+                "names another cache, model or hook is refused)"})
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -77,34 +88,43 @@ def evaluate(runs: list[str | Path], cfg: EvalConfig) -> dict[str, dict]:
         for run in runs:  # one writer per run: a training checkpoint would swap the directory under this eval
             held.enter_context(DirLock(run, "run"))
             recover_eval(run)
-        return _evaluate(runs, cfg, manifest)
+        saes = _read_saes(runs, cfg, int(manifest["d_in"]))
+        infos = [read_run(run) for run in runs]
+        try:
+            provenance.check_runs(infos, manifest, manifest_hash(manifest), cfg.other_cache)
+            split = provenance.choose_split(infos, manifest, cfg.other_cache)
+        except provenance.ProvenanceError as e:
+            raise EvalError(str(e)) from e
+        return _evaluate(saes, cfg, manifest, split)
 
 
-def _evaluate(runs: list[Path], cfg: EvalConfig, manifest: dict) -> dict[str, dict]:
-    saes = _read_saes(runs, cfg, int(manifest["d_in"]))
+def _evaluate(saes: dict[Path, SAEWeights], cfg: EvalConfig, manifest: dict, split: provenance.EvalSplit
+              ) -> dict[str, dict]:
+    runs = list(saes)
     groups = [g for g in registry.GROUPS if g.name in cfg.metrics]
     t0 = time.perf_counter()
     staging = {run: Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=run)) for run in runs}
     try:
-        ctx = EvalContext(cfg, manifest, saes, read_run(runs[0]).eval_fraction,
-                          {run: tmp / FIGURES_DIR for run, tmp in staging.items()},
+        ctx = EvalContext(cfg, manifest, saes, split, {run: tmp / FIGURES_DIR for run, tmp in staging.items()},
                           load_model=lambda: load_model(source_from_manifest(manifest["settings"]["model"]),
                                                         device=cfg.device))
+        nulls = _NullPlan(ctx, groups, manifest, split)
         if any("stream" in g.needs for g in groups):
+            ctx.active_nulls = nulls.missing_for_stream()
             _stream_pass(ctx, max([g.sample_rows(cfg) for g in groups if g.sample_rows] or [0]))
         results: dict[Path, dict] = {run: {} for run in runs}
         for group in groups:
-            for run, result in group.compute(ctx).items():
-                results[run][group.name] = result
+            ctx.active_nulls = nulls.missing(group)
+            computed = group.compute(ctx)
+            null_results = nulls.results(group, computed)
+            for run in runs:
+                if run in computed:
+                    results[run][group.name] = _with_nulls(group, computed[run], [
+                        null_results[k] for k in ctx.null_of.get(run, []) if k in null_results], cfg.seed)
         seconds = time.perf_counter() - t0
         out = {}
         for run in runs:
-            doc = _merge_existing(run, {
-                "run": str(run), "cache": str(cfg.cache), "cache_hash": manifest_hash(manifest),
-                "hook_name": manifest["settings"]["hook_name"], "model": manifest["settings"]["model"],
-                "settings": {**asdict(cfg), "eval_fraction": ctx.eval_fraction}, "versions": _versions(),
-                "definitions": registry.definitions(), "metrics": results[run], "seconds": seconds,
-            })
+            doc = _merge_existing(run, _document(run, cfg, manifest, split, results[run], seconds))
             write_json(staging[run] / EVAL_JSON, doc)
             _commit_eval(run, staging[run])
             out[str(run)] = doc
@@ -112,6 +132,99 @@ def _evaluate(runs: list[Path], cfg: EvalConfig, manifest: dict) -> dict[str, di
     finally:
         for tmp in staging.values():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _NullPlan:
+    """The random-SAE nulls of this eval: built for every (d_sae, k) of the runs, scored by the null-aware groups
+    unless the null store already holds their result for the same cache, split and settings."""
+
+    def __init__(self, ctx: EvalContext, groups: list, manifest: dict, split: provenance.EvalSplit) -> None:
+        cfg = ctx.cfg
+        self.groups = [g for g in groups if g.nulls] if cfg.null_seeds > 0 else []
+        if any(g.name == "core" for g in groups) or self.groups:
+            ctx.data_mean = _data_mean(cfg, ctx.split)
+        if self.groups:
+            ctx.nulls, ctx.null_of = null_saes(ctx.saes, int(manifest["d_in"]), cfg.null_seeds, ctx.data_mean,
+                                               cfg.device)
+        self.store = NullStore(cfg.cache, {"cache_hash": manifest_hash(manifest), "split": split.key()})
+        self.ctx = ctx
+        self.stored = {g.name: {k: self.store.get(g.name, k, self._settings(g)) for k in ctx.nulls}
+                       for g in self.groups}
+
+    def _settings(self, group) -> dict:
+        return {name: getattr(self.ctx.cfg, name) for name in group.null_settings}
+
+    def missing(self, group) -> dict:
+        stored = self.stored.get(group.name)
+        return {} if stored is None else {k: self.ctx.nulls[k] for k, v in stored.items() if v is None}
+
+    def missing_for_stream(self) -> dict:
+        out = {}
+        for g in self.groups:
+            if "stream" in g.needs:
+                out.update(self.missing(g))
+        return out
+
+    def results(self, group, computed: dict) -> dict[str, dict]:
+        """The nulls' results of `group`: stored ones, and the ones just computed (stored now)."""
+        stored = self.stored.get(group.name) or {}
+        out = {k: v for k, v in stored.items() if v is not None}
+        for key in self.missing(group):
+            if key in computed:
+                self.store.put(group.name, key, self._settings(group), computed[key])
+                out[key] = json.loads(json.dumps(computed[key], default=_jsonable))  # as a stored one reads
+        return out
+
+
+def _with_nulls(group, result: dict, nulls: list[dict], seed: int) -> dict:
+    """The run's result with its intervals and null comparisons, units dropped."""
+    if group.bootstrap is not None:
+        attach_bootstrap(group.bootstrap, result, nulls, seed)
+    elif group.unpaired and nulls:
+        attach_unpaired(result, nulls, list(group.unpaired), lambda r, key: r.get(key))
+    if nulls:
+        result["null_definition"] = NULL_DEFINITION
+    return strip_units(result)
+
+
+NULL_DEFINITION = ("random TopK SAEs of the same d_sae and k (seeds " + ", ".join(map(str, NULL_SEEDS)) + "): "
+                   "W_dec rows uniform on the unit sphere, W_enc = W_dec^T, b_enc 0, b_dec = data mean subtracted "
+                   "before encoding; scored on the same rows, contexts and texts")
+
+
+def strip_units(result: Any) -> Any:
+    """The result without its bootstrap units (`UNITS` entries, at any depth)."""
+    if isinstance(result, dict):
+        return {k: strip_units(v) for k, v in result.items() if k != UNITS}
+    return result
+
+
+def _data_mean(cfg: EvalConfig, split: provenance.EvalSplit, rows: int = 1 << 16) -> torch.Tensor:
+    """The mean activation over a seeded random sample of the cache's training rows (the whole cache under
+    --other-cache): the nulls' b_dec and the mean-ablation baseline."""
+    args = {"split": "all"} if split.kind == "whole_cache" else {"split": "train", "eval_fraction": split.eval_fraction}
+    loader = ActivationLoader(cfg.cache, rows, shuffle=True, seed=cfg.seed, **args)
+    if loader.n_tokens == 0:
+        loader = ActivationLoader(cfg.cache, rows, shuffle=True, seed=cfg.seed, split="all")
+    with loader:
+        x = next(iter(loader))
+    return x.to(torch.float64).mean(dim=0).to(torch.float32)
+
+
+def _document(run: Path, cfg: EvalConfig, manifest: dict, split: provenance.EvalSplit, metrics: dict,
+              seconds: float) -> dict:
+    cache_hash = manifest_hash(manifest)
+    settings = asdict(cfg)
+    origin = provenance.group_provenance(read_run(run), cache_hash, split, settings)
+    return {
+        "run": str(run), "cache": str(cfg.cache), "cache_hash": cache_hash,
+        "hook_name": manifest["settings"]["hook_name"], "model": manifest["settings"]["model"],
+        "split": split.record(),
+        "other_cache": ("the runs were trained on other data; the whole given cache is treated as unseen"
+                        if cfg.other_cache else None),
+        "settings": settings, "versions": _versions(), "definitions": registry.definitions(), "metrics": metrics,
+        "provenance": {group: origin for group in metrics}, "seconds": seconds,
+    }
 
 
 def _read_saes(runs: list[Path], cfg: EvalConfig, d_in: int) -> dict[Path, SAEWeights]:
@@ -129,34 +242,34 @@ def _stream_pass(ctx: EvalContext, keep: int) -> None:
     """One pass over the held-out rows: every SAE sees each batch once; special-token rows are dropped (as SAELens
     does), and the first `keep` rows' codes are kept dense for the groups that read a sample."""
     cfg = ctx.cfg
-    loader = ActivationLoader(cfg.cache, cfg.batch_size, split="eval", eval_fraction=ctx.eval_fraction,
-                              shuffle=False, with_tokens=True)
+    loader = ActivationLoader(cfg.cache, cfg.batch_size, shuffle=False, with_tokens=True, **ctx.split.loader_args)
     special = special_ids(loader.manifest)
     n_rows = min(cfg.tokens, loader.n_tokens)
     if n_rows <= 0:
-        raise EvalError(f"the cache {cfg.cache} has no held-out rows (eval_fraction {ctx.eval_fraction})")
-    core = {run: CoreAccumulator() for run in ctx.saes}
-    fire = {run: FiringCounter(sae.d_sae) for run, sae in ctx.saes.items()}
-    kept: dict[Path, list[torch.Tensor]] = {run: [] for run in ctx.saes}
+        raise EvalError(f"the cache {cfg.cache} has no rows in the evaluation split ({ctx.split.record()})")
+    subjects = ctx.subjects()
+    core = {key: CoreAccumulator() for key in subjects}
+    fire = {key: FiringCounter(sae.d_sae) for key, sae in subjects.items()}
+    kept: dict = {key: [] for key in subjects}
     seen = 0
     bar = tqdm(total=n_rows, unit="tok", unit_scale=True, desc="eval", disable=not cfg.progress)
     for x, toks in loader:
         x = x[~special_mask(toks[:, 0], special)][: n_rows - seen].to(cfg.device)
-        for run, sae in ctx.saes.items():
+        for key, sae in subjects.items():
             code = sae.encode_topk(x)
-            core[run].update(x, sae.decode_topk(code), code.vals)  # L0 from the k values: no dense code needed
-            fire[run].update_code(code)
+            core[key].update(x, sae.decode_topk(code), code.vals)  # L0 from the k values: no dense code needed
+            fire[key].update_code(code)
             if seen < keep:
                 n = keep - seen
-                kept[run].append(TopKCode(code.vals[:n].cpu(), code.idx[:n].cpu()).to_dense(sae.d_sae))
+                kept[key].append(TopKCode(code.vals[:n].cpu(), code.idx[:n].cpu()).to_dense(sae.d_sae))
         seen += x.shape[0]
         bar.update(x.shape[0])
         if seen >= n_rows:
             break
     bar.close()
-    for run in ctx.saes:
-        ctx.stream[run] = StreamStats(core[run].result(), fire[run].result(),
-                                      torch.cat(kept[run]) if kept[run] else None)
+    for key in subjects:
+        ctx.stream[key] = StreamStats(core[key].result(), fire[key].result(),
+                                      torch.cat(kept[key]) if kept[key] else None, core[key].blocks())
 
 
 # --- eval.json and figures/ swapped in together ---------------------------------------------------------------
@@ -194,10 +307,16 @@ def recover_eval(run: Path) -> None:
 
 
 def _merge_existing(run: Path, doc: dict) -> dict:
-    """Keep metrics of an earlier `vsae eval` that this one did not recompute, if on the same cache."""
-    old = read_run(run)
-    if (old.eval or {}).get("cache_hash") == doc["cache_hash"]:
-        doc["metrics"] = {**old.metrics, **doc["metrics"]}
+    """Keep the groups of an earlier `vsae eval` that this one did not recompute, each with its own provenance, if
+    computed from the same weights, cache and split (`provenance.still_valid`); drop the others."""
+    old = read_run(run).eval or {}
+    old_origin = old.get("provenance") if isinstance(old.get("provenance"), dict) else {}
+    current = next(iter(doc["provenance"].values()), None)
+    kept = {g: m for g, m in read_run(run).metrics.items()
+            if g not in doc["metrics"] and current and provenance.still_valid(old_origin.get(g), current)}
+    doc["metrics"] = {**kept, **doc["metrics"]}
+    doc["provenance"] = {**{g: old_origin[g] for g in kept}, **doc["provenance"]}
+    doc["dropped"] = sorted(g for g in read_run(run).metrics if g not in doc["metrics"]) or None
     return doc
 
 
@@ -216,7 +335,20 @@ def table(results: dict[str, dict]) -> str:
     for run, doc in results.items():
         m = doc["metrics"]
         rows.append([Path(run).name] + [_fmt((m.get(g) or {}).get(key)) for g, key, _ in cols])
-    return _text_table(head, rows)
+    return _text_table(head, rows) + _null_lines(results)
+
+
+def _null_lines(results: dict[str, dict]) -> str:
+    """Under the table: per run, the numbers whose difference from random SAEs of its shape has an interval
+    including 0 (they do not tell this run from a random SAE)."""
+    lines = []
+    for run, doc in results.items():
+        weak = [f"{group}.{key}" for group, result in doc["metrics"].items() if isinstance(result, dict)
+                for key, cmp in (result.get("null") or {}).items()
+                if isinstance(cmp, dict) and cmp.get("includes_zero") is True]
+        if weak:
+            lines.append(f"{Path(run).name}: not separated from a random SAE on {', '.join(weak)}")
+    return ("\n" + "\n".join(lines)) if lines else ""
 
 
 RUN_COLUMNS = (("variant", "sae.variant"), ("d_sae", "d_sae"), ("k", "k"), ("steps", "step"),

@@ -47,7 +47,9 @@ for SCR, in the seeded sampling order for TPP), so it never overlaps them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,6 +255,53 @@ def _check_topics(topics: Sequence[str], known: dict, minimum: int) -> None:
         raise ValueError(f"topics must be >= {minimum} distinct names from {sorted(known)}, got {topics}")
 
 
+QUADRANTS = ((1, 1), (1, 0), (0, 1), (0, 0))  # (target, spurious): PP, AN, NP, NN
+
+
+def scr_split_layout(train: dict[tuple[int, int], np.ndarray], validation: dict[tuple[int, int], np.ndarray],
+                     test: dict[tuple[int, int], np.ndarray], q: int, rng: np.random.Generator
+                     ) -> dict[str, np.ndarray]:
+    """SAEBench's SCR splits from rows per quadrant (`QUADRANTS`): `train[quad]` holds 2q rows on the diagonal
+    and q off it. "train" (the biased probe's, rho = 1) is all diagonal training rows; "train_balanced" the first
+    q of every quadrant (rho = 0); "validation" and "test" everything given for them. Each split is shuffled."""
+    splits = {
+        "train": np.concatenate([train[(1, 1)], train[(0, 0)]]),
+        "train_balanced": np.concatenate([train[quad][:q] for quad in QUADRANTS]),
+        "validation": np.concatenate([validation[quad] for quad in QUADRANTS]),
+        "test": np.concatenate([test[quad] for quad in QUADRANTS]),
+    }
+    return {name: rng.permutation(rows) for name, rows in splits.items()}  # SAEBench shuffles each list too
+
+
+def scr_quadrant_sizes(train_size: int, test_size: int, validation_size: int | None) -> tuple[int, int, int]:
+    """(q, q_val, q_test): texts per quadrant, train_size // 4 etc. as in SAEBench; validation defaults to test."""
+    validation_size = test_size if validation_size is None else validation_size
+    sizes = train_size // 4, validation_size // 4, test_size // 4
+    if min(sizes) < 1:
+        raise ValueError("train_size, validation_size and test_size must each be >= 4 (one text per quadrant)")
+    return sizes
+
+
+def _generated_scr(rng: np.random.Generator, make: Callable[[int, int], str], q: int, q_val: int, q_test: int
+                   ) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Texts `make(target, spurious)` in SAEBench's quadrant layout: (texts, target, spurious, splits)."""
+    texts: list[str] = []
+    labels: list[tuple[int, int]] = []
+
+    def add(n: int, quad: tuple[int, int]) -> np.ndarray:
+        start = len(texts)
+        texts.extend(make(*quad) for _ in range(n))
+        labels.extend([quad] * n)
+        return np.arange(start, start + n)
+
+    # The biased set takes 2q texts from each diagonal quadrant, the balanced ones the first q of every quadrant.
+    train = {quad: add(2 * q if quad[0] == quad[1] else q, quad) for quad in QUADRANTS}
+    validation = {quad: add(q_val, quad) for quad in QUADRANTS}
+    test = {quad: add(q_test, quad) for quad in QUADRANTS}
+    target, spurious = np.array(labels, dtype=np.int64).reshape(-1, 2).T
+    return texts, target, spurious, scr_split_layout(train, validation, test, q, rng)
+
+
 def offline_scr_set(
     seed: int = 0,
     train_size: int = 4000,
@@ -260,7 +309,7 @@ def offline_scr_set(
     validation_size: int | None = None,
     topics: tuple[str, str] = SCR_PAIRS[0],
 ) -> LabelledSet:
-    """The generated SCR set (module docstring): target "gender" (male = 1), spurious "topic" (topics[0] = 1).
+    """The easy generated SCR set (module docstring): target "gender" (male = 1), spurious "topic" (topics[0] = 1).
 
     Splits: "train" (biased, rho = 1: 2q PP + 2q NN), "train_balanced" (q per quadrant), "validation" and
     "test" (balanced, size // 4 per quadrant), with q = train_size // 4 as in SAEBench.
@@ -268,37 +317,13 @@ def offline_scr_set(
     _check_topics(topics, SCR_TEMPLATES, 2)
     if len(topics) != 2:
         raise ValueError(f"SCR needs exactly two topics, got {topics}")
-    validation_size = test_size if validation_size is None else validation_size
-    q, q_val, q_test = train_size // 4, validation_size // 4, test_size // 4
-    if min(q, q_val, q_test) < 1:
-        raise ValueError("train_size, validation_size and test_size must each be >= 4 (one text per quadrant)")
+    q, q_val, q_test = scr_quadrant_sizes(train_size, test_size, validation_size)
     rng = np.random.default_rng(seed)
-    texts: list[str] = []
-    gender_labels: list[int] = []
-    topic_labels: list[int] = []
-
-    def add(n: int, gender: int, topic: int) -> np.ndarray:
-        start = len(texts)
-        texts.extend(generate_text(rng, SCR_TEMPLATES[topics[1 - topic]], GENDERS[gender]) for _ in range(n))
-        gender_labels.extend([gender] * n)
-        topic_labels.extend([topic] * n)
-        return np.arange(start, start + n)
-
-    quadrants = ((1, 1), (1, 0), (0, 1), (0, 0))  # (target, spurious): PP, AN, NP, NN
-    # The biased set takes 2q texts from each diagonal quadrant, the balanced ones the first q of every quadrant.
-    train = {quad: add(2 * q if quad[0] == quad[1] else q, *quad) for quad in quadrants}
-    validation = np.concatenate([add(q_val, *quad) for quad in quadrants])
-    test = np.concatenate([add(q_test, *quad) for quad in quadrants])
-    splits = {
-        "train": np.concatenate([train[(1, 1)], train[(0, 0)]]),
-        "train_balanced": np.concatenate([train[quad][:q] for quad in quadrants]),
-        "validation": validation,
-        "test": test,
-    }
-    splits = {name: rng.permutation(rows) for name, rows in splits.items()}  # SAEBench shuffles each list too
+    texts, gender, topic, splits = _generated_scr(
+        rng, lambda g, t: generate_text(rng, SCR_TEMPLATES[topics[1 - t]], GENDERS[g]), q, q_val, q_test)
     return LabelledSet(
         texts=texts,
-        labels={"gender": np.array(gender_labels), "topic": np.array(topic_labels)},
+        labels={"gender": gender, "topic": topic},
         splits=splits,
         class_names={"gender": GENDERS, "topic": (topics[1], topics[0])},
         roles={"target": "gender", "spurious": "topic"},
@@ -310,6 +335,29 @@ def offline_scr_set(
     )
 
 
+def _tpp_layout(rng: np.random.Generator, make: Callable[[int, int], str], n_classes: int, train_size: int,
+                test_size: int, validation_size: int | None
+                ) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, int]]:
+    """Texts `make(class, gender)`, size // 4 per (class, gender) in each split ("train", "validation", "test"):
+    (texts, class labels, gender labels, splits, texts per class in each split)."""
+    validation_size = test_size if validation_size is None else validation_size
+    sizes = {"train": train_size // 4, "validation": validation_size // 4, "test": test_size // 4}
+    if min(sizes.values()) < 1:
+        raise ValueError("train_size, validation_size and test_size must each be >= 4 (one text per class x gender)")
+    texts: list[str] = []
+    labels: list[tuple[int, int]] = []
+    splits: dict[str, np.ndarray] = {}
+    for split, per_quadrant in sizes.items():
+        start = len(texts)
+        for c in range(n_classes):
+            for g in range(len(GENDERS)):
+                texts.extend(make(c, g) for _ in range(per_quadrant))
+                labels.extend([(c, g)] * per_quadrant)
+        splits[split] = rng.permutation(np.arange(start, len(texts)))
+    category, gender = np.array(labels, dtype=np.int64).reshape(-1, 2).T
+    return texts, category, gender, splits, {k: 2 * v for k, v in sizes.items()}
+
+
 def offline_tpp_set(
     seed: int = 0,
     train_size: int = 4000,
@@ -317,39 +365,256 @@ def offline_tpp_set(
     validation_size: int | None = None,
     topics: Sequence[str] = TPP_TOPICS,
 ) -> LabelledSet:
-    """The generated TPP set (module docstring): "category" = index into `topics`, nuisance "gender" balanced.
+    """The easy generated TPP set (module docstring): "category" = index into `topics`, nuisance "gender" balanced.
 
     Per class, train_size // 2 training texts (SAEBench's 2q = 2000), validation_size // 2 and test_size // 2
     (SAEBench's 500) for the other splits; half of each male.
     """
     topics = tuple(topics)
     _check_topics(topics, TOPIC_TEMPLATES, 2)
-    validation_size = test_size if validation_size is None else validation_size
-    sizes = {"train": train_size // 4, "validation": validation_size // 4, "test": test_size // 4}
-    if min(sizes.values()) < 1:
-        raise ValueError("train_size, validation_size and test_size must each be >= 4 (one text per class x gender)")
     rng = np.random.default_rng(seed)
-    texts: list[str] = []
-    category: list[int] = []
-    gender: list[int] = []
-    splits: dict[str, np.ndarray] = {}
-    for split, per_quadrant in sizes.items():
-        start = len(texts)
-        for c, topic in enumerate(topics):
-            for g, name in enumerate(GENDERS):
-                texts.extend(generate_text(rng, TOPIC_TEMPLATES[topic], name) for _ in range(per_quadrant))
-                category.extend([c] * per_quadrant)
-                gender.extend([g] * per_quadrant)
-        splits[split] = rng.permutation(np.arange(start, len(texts)))
+    texts, category, gender, splits, per_class = _tpp_layout(
+        rng, lambda c, g: generate_text(rng, TOPIC_TEMPLATES[topics[c]], GENDERS[g]), len(topics),
+        train_size, test_size, validation_size)
     return LabelledSet(
         texts=texts,
-        labels={"category": np.array(category), "gender": np.array(gender)},
+        labels={"category": category, "gender": gender},
         splits=splits,
         class_names={"category": topics, "gender": GENDERS},
         roles={"classes": "category", "nuisance": "gender"},
         description={
             "name": "offline_tpp", "source": "generated by vsae.evals.labelled (templates, see module docstring)",
-            "seed": seed, "topics": list(topics), "per_class": {k: 2 * v for k, v in sizes.items()},
+            "seed": seed, "topics": list(topics), "per_class": per_class,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Harder generated sets: every concept spread over many words, classes sharing vocabulary
+
+# Topic lexicons by slot: {n} noun, {v} past-tense verb taking "the ...", {a} adjective. Ten or more words a slot,
+# so no keyword decides a class, and some words stand in two topics (heart, storm, blood, tears, salt, fish, wine,
+# sweet, rich, faithful, dear, golden) so the classes share vocabulary.
+TOPIC_LEXICON = {
+    "war": {
+        "n": ("sword", "battle", "soldier", "army", "spear", "shield", "drum", "enemy", "siege", "banner", "camp",
+              "trumpet", "blood", "storm", "heart"),
+        "v": ("fought", "besieged", "struck", "defended", "conquered", "armed", "wounded", "charged", "routed",
+              "ambushed"),
+        "a": ("bloody", "brave", "fierce", "valiant", "victorious", "bold", "iron", "warlike", "mighty", "wounded"),
+    },
+    "love": {
+        "n": ("heart", "kiss", "lover", "rose", "embrace", "beauty", "ring", "bride", "letter", "flower", "sonnet",
+              "wedding", "tears", "sigh", "darling"),
+        "v": ("kissed", "embraced", "adored", "cherished", "courted", "wooed", "praised", "desired", "missed",
+              "caressed"),
+        "a": ("sweet", "tender", "fair", "gentle", "dear", "beloved", "faithful", "lovely", "true", "amorous"),
+    },
+    "sea": {
+        "n": ("ship", "wave", "sail", "shore", "sailor", "tide", "anchor", "island", "mast", "harbour", "deck",
+              "voyage", "salt", "storm", "fish"),
+        "v": ("sailed", "steered", "anchored", "rowed", "crossed", "launched", "rigged", "wrecked", "boarded",
+              "navigated"),
+        "a": ("stormy", "deep", "wild", "salty", "windy", "wet", "tossing", "briny", "foaming", "seaworthy"),
+    },
+    "feast": {
+        "n": ("bread", "meat", "table", "cup", "supper", "cake", "ale", "cook", "dish", "guest", "banquet", "cheese",
+              "wine", "salt", "fish"),
+        "v": ("ate", "drank", "tasted", "served", "roasted", "poured", "carved", "baked", "devoured", "shared"),
+        "a": ("roasted", "hungry", "full", "fat", "spiced", "savoury", "delicious", "plentiful", "sweet", "rich"),
+    },
+    "prayer": {
+        "n": ("altar", "church", "saint", "angel", "soul", "bell", "candle", "sin", "grace", "priest", "psalm",
+              "chapel", "blood", "tears", "wine"),
+        "v": ("blessed", "worshipped", "confessed", "hallowed", "sanctified", "forgave", "glorified", "revered",
+              "praised", "kissed"),
+        "a": ("holy", "blessed", "sacred", "humble", "pious", "devout", "heavenly", "penitent", "faithful", "solemn"),
+    },
+    "gold": {
+        "n": ("gold", "coin", "purse", "ducat", "merchant", "chest", "jewel", "debt", "silver", "treasure", "price",
+              "wealth", "ring", "cup", "crown"),
+        "v": ("counted", "paid", "sold", "bought", "borrowed", "lent", "hoarded", "weighed", "spent", "bargained"),
+        "a": ("golden", "costly", "precious", "wealthy", "poor", "greedy", "thrifty", "rich", "dear", "silver"),
+    },
+}
+# Attribute lexicons ({m} noun, {b} adjective, {d} adverbial): the SCR sets' spurious attributes, and background
+# words (drawn at random, independent of the class) in the TPP set.
+ATTRIBUTE_LEXICON = {
+    "mood": {
+        "joy": {
+            "m": ("laughter", "mirth", "joy", "delight", "song", "music", "dancing", "cheer", "merriment", "jest"),
+            "b": ("merry", "glad", "joyful", "cheerful", "happy", "blithe", "jolly", "jocund", "gay", "light"),
+            "d": ("gladly", "merrily", "happily", "cheerfully", "with a smile", "with laughter", "joyfully",
+                  "in high spirits", "with delight", "singing"),
+        },
+        "grief": {
+            "m": ("sorrow", "grief", "mourning", "woe", "weeping", "sighing", "lament", "sadness", "despair", "pain"),
+            "b": ("sad", "sorrowful", "heavy", "mournful", "woeful", "doleful", "grieved", "weary", "wretched",
+                  "forlorn"),
+            "d": ("sadly", "heavily", "mournfully", "with a sigh", "in tears", "sorrowfully", "wearily",
+                  "in despair", "with a groan", "weeping"),
+        },
+    },
+    "time": {
+        "night": {
+            "m": ("moon", "darkness", "midnight", "stars", "owl", "dream", "shadow", "night", "nightingale", "dusk"),
+            "b": ("dark", "silent", "starry", "moonlit", "sleeping", "black", "cold", "still", "dim", "drowsy"),
+            "d": ("at night", "by moonlight", "at midnight", "in the dark", "by candlelight", "under the stars",
+                  "in the small hours", "before sleep", "after dusk", "in the night"),
+        },
+        "day": {
+            "m": ("sun", "morning", "noon", "daylight", "dawn", "sunshine", "lark", "day", "sunrise", "afternoon"),
+            "b": ("bright", "sunny", "golden", "shining", "waking", "clear", "warm", "still", "radiant", "hot"),
+            "d": ("at noon", "by day", "in the morning", "at dawn", "in the sunshine", "under the sun",
+                  "in broad daylight", "after breakfast", "at sunrise", "in the day"),
+        },
+    },
+}
+# Sentence frames: topic slots {n} {v} {a}, attribute slots {m} {b} {d}, subject {S} / {s} / {p} as in
+# TOPIC_TEMPLATES. The same frames serve every class and attribute, so the words in the slots tell them apart.
+FRAMES = (
+    "{S} {v} the {a} {n}.",
+    "{S} {v} the {n} and the {n}.",
+    "{S} spoke {d} of the {n} and of the {a} {n}.",
+    "The {n} was {a}, and the {m} was {b}.",
+    "{S} thought {d} of {p} {a} {n}.",
+    "{S} was {b}, for the {n} was near.",
+    "In the {m}, {s} {v} the {n}.",
+    "{S} sat {d} beside the {a} {n}.",
+    "All {p} days were full of {n} and {m}.",
+    "{S} {v} the {n}, and the {m} was {b}.",
+    "The {b} {m} came, and {s} {v} the {a} {n}.",
+    "{S} looked {d} upon the {n}.",
+)
+TOPIC_SLOTS, ATTRIBUTE_SLOTS = frozenset("nva"), frozenset("mbd")
+_SLOT = re.compile(r"\{(\w)\}")
+# Probability that a topic slot takes its word from the text's own topic (else from another class's lexicon), and
+# likewise for attribute slots. Chosen from the task, before any model was run: with 2-4 frames (about 2 topic
+# and 1.5 attribute slots each) these put a bag-of-words probe near 0.9 (measured in the module docstring), so
+# clean probes are neither saturated nor weak; the spurious attribute is made as salient as the target.
+TOPIC_FIDELITY = {"tpp": 0.72, "scr": 0.78}
+ATTRIBUTE_FIDELITY = 0.96
+HARD_SCR_PAIRS = (("war", "love", "mood"), ("sea", "gold", "time"))  # (target topic 1, topic 0, spurious)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Where a text's slot words come from: `own` with probability `fidelity`, else uniformly from `others`."""
+
+    own: dict[str, tuple[str, ...]]
+    others: tuple[dict[str, tuple[str, ...]], ...]
+    fidelity: float
+
+    def word(self, rng: np.random.Generator, slot: str) -> str:
+        lexicon = self.own if rng.random() < self.fidelity else self.others[rng.integers(len(self.others))]
+        words = lexicon[slot]
+        return words[rng.integers(len(words))]
+
+
+def mixed_text(rng: np.random.Generator, topic: Mixture, attribute: Mixture, gender: str) -> str:
+    """2-4 `FRAMES` with topic slots from `topic`, attribute slots from `attribute`, a subject of `gender` (a noun
+    phrase first, then that or a pronoun); half the time one neutral sentence at a random place."""
+    pron = PRONOUNS[gender]
+    sentences = []
+    for i in range(int(rng.integers(2, 5))):
+        if i == 0 or rng.random() < 0.5:
+            nouns = GENDER_NOUNS[gender]
+            subject = f"{DETERMINERS[rng.integers(len(DETERMINERS))]} {nouns[rng.integers(len(nouns))]}"
+        else:
+            subject = pron["s"]
+
+        def fill(m: re.Match, subject: str = subject) -> str:
+            slot = m.group(1)
+            if slot in TOPIC_SLOTS:
+                return topic.word(rng, slot)
+            if slot in ATTRIBUTE_SLOTS:
+                return attribute.word(rng, slot)
+            return subject if slot == "S" else pron[slot]
+
+        text = _SLOT.sub(fill, FRAMES[rng.integers(len(FRAMES))])
+        sentences.append(text[0].upper() + text[1:])
+    if rng.random() < 0.5:
+        sentences.insert(int(rng.integers(len(sentences) + 1)), NEUTRAL_SENTENCES[rng.integers(len(NEUTRAL_SENTENCES))])
+    return " ".join(sentences)
+
+
+def _background() -> Mixture:
+    """Attribute words that say nothing about the class: any value of any attribute, uniformly."""
+    values = tuple(lex for attr in ATTRIBUTE_LEXICON.values() for lex in attr.values())
+    return Mixture(values[0], values, 0.0)
+
+
+def hard_scr_set(
+    seed: int = 0,
+    train_size: int = 4000,
+    test_size: int = 1000,
+    validation_size: int | None = None,
+    pair: tuple[str, str, str] = HARD_SCR_PAIRS[0],
+) -> LabelledSet:
+    """The harder generated SCR set: target "topic" (pair[0] = 1, pair[1] = 0, each topic slot true to the text's
+    topic with probability TOPIC_FIDELITY["scr"], else the other topic's word) and spurious attribute pair[2]
+    (its first value = 1, ATTRIBUTE_FIDELITY), subject gender random; SAEBench's quadrant layout."""
+    (t1, t0, attr) = pair
+    _check_topics((t1, t0), TOPIC_LEXICON, 2)
+    if attr not in ATTRIBUTE_LEXICON:
+        raise ValueError(f"pair[2] must be an attribute of {sorted(ATTRIBUTE_LEXICON)}, got {attr!r}")
+    values = tuple(ATTRIBUTE_LEXICON[attr])  # (label 1, label 0)
+    q, q_val, q_test = scr_quadrant_sizes(train_size, test_size, validation_size)
+    rng = np.random.default_rng(seed)
+    topics = {1: TOPIC_LEXICON[t1], 0: TOPIC_LEXICON[t0]}
+    lexicons = {1: ATTRIBUTE_LEXICON[attr][values[0]], 0: ATTRIBUTE_LEXICON[attr][values[1]]}
+
+    def make(t: int, s: int) -> str:
+        topic = Mixture(topics[t], (topics[1 - t],), TOPIC_FIDELITY["scr"])
+        attribute = Mixture(lexicons[s], (lexicons[1 - s],), ATTRIBUTE_FIDELITY)
+        return mixed_text(rng, topic, attribute, GENDERS[int(rng.integers(2))])
+
+    texts, target, spurious, splits = _generated_scr(rng, make, q, q_val, q_test)
+    return LabelledSet(
+        texts=texts,
+        labels={"topic": target, attr: spurious},
+        splits=splits,
+        class_names={"topic": (t0, t1), attr: (values[1], values[0])},
+        roles={"target": "topic", "spurious": attr},
+        description={
+            "name": f"generated_scr_{t1}_{t0}_{attr}", "source": "generated by vsae.evals.labelled (mixed lexicons)",
+            "seed": seed, "pair": list(pair), "topic_fidelity": TOPIC_FIDELITY["scr"],
+            "attribute_fidelity": ATTRIBUTE_FIDELITY,
+            "quadrant_size": {"train": q, "validation": q_val, "test": q_test},
+            "train_correlation": f"topic == {attr} in split 'train' (rho = 1); all other splits balanced",
+        },
+    )
+
+
+def hard_tpp_set(
+    seed: int = 0,
+    train_size: int = 4000,
+    test_size: int = 1000,
+    validation_size: int | None = None,
+    topics: Sequence[str] = TPP_TOPICS,
+) -> LabelledSet:
+    """The harder generated TPP set: "topic" = index into `topics`, each topic slot true to the text's topic with
+    probability TOPIC_FIDELITY["tpp"], else a word of another class; attribute slots background; nuisance "gender"
+    balanced. Per class train_size // 2, validation_size // 2, test_size // 2 texts (SAEBench's 2000 / 500)."""
+    topics = tuple(topics)
+    _check_topics(topics, TOPIC_LEXICON, 2)
+    lexicons = [TOPIC_LEXICON[t] for t in topics]
+    background = _background()
+    mixtures = [Mixture(lex, tuple(o for o in lexicons if o is not lex), TOPIC_FIDELITY["tpp"]) for lex in lexicons]
+    rng = np.random.default_rng(seed)
+    texts, category, gender, splits, per_class = _tpp_layout(
+        rng, lambda c, g: mixed_text(rng, mixtures[c], background, GENDERS[g]), len(topics),
+        train_size, test_size, validation_size)
+    return LabelledSet(
+        texts=texts,
+        labels={"topic": category, "gender": gender},
+        splits=splits,
+        class_names={"topic": topics, "gender": GENDERS},
+        roles={"classes": "topic", "nuisance": "gender"},
+        description={
+            "name": "generated_tpp", "source": "generated by vsae.evals.labelled (mixed lexicons)", "seed": seed,
+            "topics": list(topics), "topic_fidelity": TOPIC_FIDELITY["tpp"],
+            "per_class": per_class,
         },
     )
 
@@ -478,22 +743,26 @@ def load_bias_in_bios(
     test_size: int = 1000,
     validation_size: int | None = None,
     seed: int = 42,
+    hf_splits: tuple[dict, dict] | None = None,
 ) -> LabelledSet:
     """`LabHC/bias_in_bios` as SAEBench uses it: task "scr" (one profession `pair`, gender spurious, male = 1)
-    or "tpp" (`classes`, gender-balanced). Raises `LabelledSetError` when the hub is unreachable."""
+    or "tpp" (`classes`, gender-balanced). Raises `LabelledSetError` when the hub is unreachable.
+    `hf_splits`: the dataset's (train, test) columns when already loaded (several pairs from one load)."""
     validation_size = test_size if validation_size is None else validation_size
-    train, test = _load_hf(BIAS_IN_BIOS)
+    train, test = hf_splits or _load_hf(BIAS_IN_BIOS)
     if task == "scr":
         ids = tuple(PROFESSIONS.index(p) for p in pair)
         names = {"profession": (pair[1], pair[0]), "gender": GENDERS}
         # bias_in_bios stores gender 0 = male, 1 = female; SAEBench's positive (label 1) is male.
-        return _scr_from_columns(BIAS_IN_BIOS, train, test, "hard_text", "profession", "gender", ids, (0, 1),
+        data = _scr_from_columns(BIAS_IN_BIOS, train, test, "hard_text", "profession", "gender", ids, (0, 1),
                                  names, train_size, test_size, validation_size, seed)
+        return _named(data, f"{BIAS_IN_BIOS}_scr_{pair[0]}_{pair[1]}", pair=list(pair))
     if task == "tpp":
         ids = [PROFESSIONS.index(c) for c in classes]
-        return _tpp_from_columns(BIAS_IN_BIOS, train, test, "hard_text", "profession", "gender", ids,
+        data = _tpp_from_columns(BIAS_IN_BIOS, train, test, "hard_text", "profession", "gender", ids,
                                  tuple(classes), (0, 1), ("male", "female"), train_size, test_size,
                                  validation_size, seed)
+        return _named(data, f"{BIAS_IN_BIOS}_tpp", classes=list(classes))
     raise ValueError(f"task must be 'scr' or 'tpp', got {task!r}")
 
 
@@ -505,19 +774,84 @@ def load_amazon_reviews(
     test_size: int = 1000,
     validation_size: int | None = None,
     seed: int = 42,
+    hf_splits: tuple[dict, dict] | None = None,
 ) -> LabelledSet:
     """`canrager/amazon_reviews_mcauley_1and5` as SAEBench uses it: task "tpp" (`classes`, rating-balanced; the
     default, as DESIGN.md pairs Amazon with TPP) or "scr" (one category `pair`, rating spurious with 1.0 = label 1).
-    Raises `LabelledSetError` when the hub is unreachable."""
+    Raises `LabelledSetError` when the hub is unreachable. `hf_splits` as in `load_bias_in_bios`."""
     validation_size = test_size if validation_size is None else validation_size
-    train, test = _load_hf(AMAZON_REVIEWS)
+    train, test = hf_splits or _load_hf(AMAZON_REVIEWS)
     if task == "scr":
         ids = tuple(AMAZON_CATEGORIES.index(c) for c in pair)
         names = {"category": (pair[1], pair[0]), "rating": ("5.0", "1.0")}
-        return _scr_from_columns(AMAZON_REVIEWS, train, test, "text", "category", "rating", ids, (1.0, 5.0),
+        data = _scr_from_columns(AMAZON_REVIEWS, train, test, "text", "category", "rating", ids, (1.0, 5.0),
                                  names, train_size, test_size, validation_size, seed)
+        return _named(data, f"{AMAZON_REVIEWS}_scr_{pair[0]}_{pair[1]}", pair=list(pair))
     if task == "tpp":
         ids = [AMAZON_CATEGORIES.index(c) for c in classes]
-        return _tpp_from_columns(AMAZON_REVIEWS, train, test, "text", "category", "rating", ids, tuple(classes),
+        data = _tpp_from_columns(AMAZON_REVIEWS, train, test, "text", "category", "rating", ids, tuple(classes),
                                  (1.0, 5.0), ("1.0", "5.0"), train_size, test_size, validation_size, seed)
+        return _named(data, f"{AMAZON_REVIEWS}_tpp", classes=list(classes))
     raise ValueError(f"task must be 'scr' or 'tpp', got {task!r}")
+
+
+def _named(data: LabelledSet, name: str, **extra: Any) -> LabelledSet:
+    """`data` with a set name unique among the real sets (SAEBench's run name) and what picked its rows."""
+    data.description = {**data.description, "name": name, "dataset": data.description["name"], **extra}
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sets an evaluation averages over
+
+
+def real_scr_sets(train_size: int = 4000, test_size: int = 1000, validation_size: int | None = None,
+                  seed: int = 42) -> list[LabelledSet]:
+    """SAEBench's eight SCR runs: the four Bias in Bios profession pairs (gender spurious) and the four Amazon
+    category pairs (rating spurious), each dataset loaded once. SAEBench defines SCR pairs only on Bias in Bios
+    class set 1 (its sets 2 and 3 are sparse-probing class sets). Raises `LabelledSetError` naming the hub when
+    it is unreachable."""
+    sizes = {"train_size": train_size, "test_size": test_size, "validation_size": validation_size, "seed": seed}
+    bios, amazon = _load_hf(BIAS_IN_BIOS), _load_hf(AMAZON_REVIEWS)
+    return ([load_bias_in_bios("scr", pair=p, hf_splits=bios, **sizes) for p in BIOS_SCR_PAIRS]
+            + [load_amazon_reviews("scr", pair=p, hf_splits=amazon, **sizes) for p in AMAZON_SCR_PAIRS])
+
+
+def real_tpp_sets(train_size: int = 4000, test_size: int = 1000, validation_size: int | None = None,
+                  seed: int = 42) -> list[LabelledSet]:
+    """SAEBench's two TPP runs: Bias in Bios class set 1 (five professions, gender-balanced) and Amazon (five
+    categories, rating-balanced). Raises `LabelledSetError` naming the hub when it is unreachable."""
+    sizes = {"train_size": train_size, "test_size": test_size, "validation_size": validation_size, "seed": seed}
+    return [load_bias_in_bios("tpp", **sizes), load_amazon_reviews("tpp", **sizes)]
+
+
+def offline_scr_sets(seed: int = 0, train_size: int = 4000, test_size: int = 1000,
+                     validation_size: int | None = None) -> list[LabelledSet]:
+    """The offline SCR pairs to average over: the Shakespeare comedy-vs-prose pair (`evals.shakespeare_sets`; left
+    out with a warning when the corpus cannot be had) and the two harder generated pairs (`HARD_SCR_PAIRS`)."""
+    sizes = {"seed": seed, "train_size": train_size, "test_size": test_size, "validation_size": validation_size}
+    from evals import shakespeare_sets  # it builds on this module
+
+    return (_optional_corpus_set(shakespeare_sets.shakespeare_scr_set, sizes)
+            + [hard_scr_set(pair=pair, **sizes) for pair in HARD_SCR_PAIRS])
+
+
+def offline_tpp_sets(seed: int = 0, train_size: int = 4000, test_size: int = 1000,
+                     validation_size: int | None = None) -> list[LabelledSet]:
+    """The offline TPP sets: the Shakespeare genre set (three Folio genres; left out with a warning when the
+    corpus cannot be had) and the harder generated set (five topics)."""
+    sizes = {"seed": seed, "train_size": train_size, "test_size": test_size, "validation_size": validation_size}
+    from evals import shakespeare_sets
+
+    return _optional_corpus_set(shakespeare_sets.shakespeare_tpp_set, sizes) + [hard_tpp_set(**sizes)]
+
+
+def _optional_corpus_set(build: Callable[..., LabelledSet], sizes: dict[str, Any]) -> list[LabelledSet]:
+    """[build(**sizes)], or [] with a warning when the Shakespeare corpus is neither cached nor downloadable."""
+    from evals.shakespeare_sets import CorpusUnavailableError
+
+    try:
+        return [build(**sizes)]
+    except CorpusUnavailableError as e:
+        warnings.warn(f"{e}; the offline scores average over the generated sets only", stacklevel=3)
+        return []

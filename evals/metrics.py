@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -59,6 +60,19 @@ def _sums(x: Tensor, x_hat: Tensor) -> tuple[float, float, Tensor]:
     return (x64 - x_hat64).pow(2).sum().item(), x64.pow(2).sum().item(), x64.sum(dim=0).cpu()
 
 
+def _block_sums(x: Tensor, x_hat: Tensor, rows: int) -> list[tuple[float, float, Tensor, int]]:
+    """`_sums` per block of `rows` consecutive rows (the last block may be shorter), in one device round trip."""
+    x64, x_hat64 = x.to(torch.float64), x_hat.to(torch.float64)
+    block = torch.arange(x.shape[0], device=x.device) // rows
+    n_blocks = int(block[-1]) + 1
+    zeros = torch.zeros(n_blocks, dtype=torch.float64, device=x.device)
+    sse = zeros.clone().index_add_(0, block, (x64 - x_hat64).pow(2).sum(1))
+    sq = zeros.index_add_(0, block, x64.pow(2).sum(1))
+    sx = torch.zeros(n_blocks, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, block, x64).cpu()
+    counts = torch.bincount(block).tolist()
+    return list(zip(sse.tolist(), sq.tolist(), sx, counts, strict=True))
+
+
 def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     """Global explained variance (a 0-d float64 tensor): 1 - sum_t SSE_t / sum_t ||x_t - mean(x)||^2.
 
@@ -101,7 +115,10 @@ class CoreAccumulator:
     per-batch ratios). `relative_reconstruction_bias_global` is the batch-independent ratio of global means.
     """
 
+    BLOCK_ROWS = 128  # rows per bootstrap unit of explained variance (about one context of consecutive rows)
+
     def __init__(self) -> None:
+        self._blocks: list[tuple[float, float, Tensor, int]] = []  # per block: sse, sum ||x||^2, sum x, rows
         self.n_tokens = 0
         self._sum_l0 = 0.0
         self._sum_sse = 0.0
@@ -122,6 +139,7 @@ class CoreAccumulator:
         if x.shape[0] == 0:
             return  # an all-special batch adds nothing (SAELens would add a NaN rrb here)
         sse, sq_norm, sum_x = _sums(x, x_hat)
+        self._blocks += _block_sums(x, x_hat, self.BLOCK_ROWS)
         self._sum_sse += sse
         self._sum_sq_norm += sq_norm
         self._sum_x = sum_x if self._sum_x is None else self._sum_x + sum_x
@@ -157,6 +175,21 @@ class CoreAccumulator:
             "n_tokens": n,
         }
 
+    def blocks(self) -> dict[str, list[float]]:
+        """`explained_variance_blocks` of the rows seen: the bootstrap units of explained variance."""
+        return explained_variance_blocks(self._blocks)
+
+
+def explained_variance_blocks(blocks: list[tuple[float, float, Tensor, int]]) -> dict[str, list[float]]:
+    """Per block of consecutive rows: its SSE and its sum of ||x - mean||^2 about the global mean, so that
+    1 - sum(sse) / sum(sst) is the global explained variance and a bootstrap over blocks resamples it."""
+    if not blocks:
+        return {"sse": [], "sst": []}
+    n = sum(b[3] for b in blocks)
+    mean = sum(b[2] for b in blocks) / n
+    sst = [sq - 2 * float(sx @ mean) + m * float(mean @ mean) for _, sq, sx, m in blocks]
+    return {"sse": [b[0] for b in blocks], "sst": sst}
+
 
 def ce_kl_scores(ce_clean: float, ce_sae: float, ce_zero: float, kl_sae: float, kl_zero: float) -> dict:
     """SAELens `ce_loss_score` = (CE_zero - CE_sae) / (CE_zero - CE_clean) and `kl_div_score` =
@@ -165,7 +198,9 @@ def ce_kl_scores(ce_clean: float, ce_sae: float, ce_zero: float, kl_sae: float, 
     A zero denominator gives NaN (SAELens divides floats and would raise ZeroDivisionError).
     """
 
-    def ratio(num: float, den: float) -> float:
+    def ratio(num, den):
+        if np.ndim(den):  # arrays of bootstrap replicates
+            return np.where(den != 0, num / np.where(den != 0, den, 1.0), np.nan)
         return num / den if den != 0 else math.nan
 
     return {"ce_score": ratio(ce_zero - ce_sae, ce_zero - ce_clean), "kl_score": ratio(kl_zero - kl_sae, kl_zero)}

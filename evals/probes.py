@@ -18,16 +18,25 @@ are computed once per (model, hook, set) and reused for every SAE, as SAEBench c
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sklearn
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from activations.atomic import write_atomic
 from activations.models import check_hook, special_token_ids, stop_layer
 from vsae.firing import special_mask
 
@@ -251,3 +260,97 @@ def probe_accuracy(probe: LogisticRegression, X: Tensor | np.ndarray, y: np.ndar
 
 def _numpy(X: Tensor | np.ndarray) -> np.ndarray:
     return X.detach().cpu().double().numpy() if isinstance(X, Tensor) else np.asarray(X, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On-disk store of labelled texts' token activations (computed once per model, hook, set and sizes)
+
+STORE_FORMAT = "vsae-labelled-activations"
+STORE_VERSION = 1
+STORE_DTYPE = torch.float32  # the computed dtype (float16 was measured to move probe accuracies; module doc)
+# token_activations arguments that change its result; the others (batch_size, device, progress) do not.
+RESULT_KWARGS = ("context", "prepend_bos", "dtype")
+_warned_stores: set[str] = set()
+
+
+def activations_digest(key: dict, texts: Sequence[str], kwargs: dict) -> str:
+    """sha256 of the key (JSON, sorted keys), the texts (each length-prefixed, so no two lists collide) and the
+    result-changing `token_activations` arguments, with their defaults filled in."""
+    sig = inspect.signature(token_activations)
+    settings = {name: kwargs.get(name, sig.parameters[name].default) for name in RESULT_KWARGS}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    digest.update(json.dumps({k: str(v) for k, v in settings.items()}, sort_keys=True).encode())
+    for text in texts:
+        raw = text.encode("utf-8", errors="surrogatepass")
+        digest.update(len(raw).to_bytes(8, "little"))
+        digest.update(raw)
+    return digest.hexdigest()
+
+
+def cached_token_activations(
+    model, hook_name: str, texts: Sequence[str], *, store: Path | None, key: dict, **token_activations_kwargs: Any
+) -> TokenActivations:
+    """`token_activations(model, hook_name, texts, **kwargs)`, kept in `store` so later calls skip the forward pass.
+
+    The file is `store / f"{digest}.safetensors"` (`activations_digest` of `key`, the texts and the arguments
+    that change the result); `key` should name the model, the hook and the set. A hit is checked against the
+    texts (shapes, dtypes, real-token count per text); a corrupt or mismatched file is recomputed and replaced
+    with a one-line warning. `store=None` only computes; an unwritable store computes and warns once.
+    """
+    if store is None:
+        return token_activations(model, hook_name, texts, **token_activations_kwargs)
+    unknown = set(token_activations_kwargs) - set(inspect.signature(token_activations).parameters)
+    if unknown:
+        raise TypeError(f"cached_token_activations got unknown token_activations arguments {sorted(unknown)}")
+    path = Path(store) / f"{activations_digest(key, texts, token_activations_kwargs)}.safetensors"
+    if path.exists():
+        expected = _expected_counts(model, texts, token_activations_kwargs)
+        problem, tokens = _load_stored(path, expected, model.cfg.d_model)
+        if problem is None:
+            return tokens
+        warnings.warn(f"labelled activations {path} {problem}: recomputing and replacing it", stacklevel=2)
+    tokens = token_activations(model, hook_name, texts, **token_activations_kwargs)
+    _store(path, tokens, key)
+    return tokens
+
+
+def _expected_counts(model, texts: Sequence[str], kwargs: dict) -> Tensor:
+    sig = inspect.signature(token_activations)
+    context, prepend_bos = (kwargs.get(n, sig.parameters[n].default) for n in ("context", "prepend_bos"))
+    return _real_counts(model, _tokenize(model, texts, context, prepend_bos))
+
+
+def _load_stored(path: Path, counts: Tensor, d_model: int) -> tuple[str | None, TokenActivations | None]:
+    """(None, activations) for a sound file, else (what is wrong with it, None)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for a truncated header or body)
+        return f"is unreadable ({type(e).__name__}: {str(e)[:80]})", None
+    acts, offsets = tensors.get("acts"), tensors.get("offsets")
+    if meta.get("format") != STORE_FORMAT or meta.get("version") != str(STORE_VERSION):
+        return f"is not a {STORE_FORMAT} v{STORE_VERSION} file", None
+    if acts is None or offsets is None or acts.dtype != STORE_DTYPE or offsets.dtype != torch.long:
+        return "lacks float acts / int64 offsets", None
+    if acts.ndim != 2 or acts.shape[1] != d_model or offsets.shape != (len(counts) + 1,):
+        return f"has shapes acts {tuple(acts.shape)}, offsets {tuple(offsets.shape)} for {len(counts)} texts", None
+    if int(offsets[0]) != 0 or not torch.equal(offsets.diff(), counts) or int(offsets[-1]) != acts.shape[0]:
+        return "does not match the texts' real-token counts", None
+    if not torch.isfinite(acts).all():
+        return "holds non-finite activations", None
+    return None, TokenActivations(acts, offsets)
+
+
+def _store(path: Path, tokens: TokenActivations, key: dict) -> None:
+    """Write atomically; a store that cannot be written (read-only, full, not a directory) warns once."""
+    tensors = {"acts": tokens.acts.to(STORE_DTYPE).contiguous(), "offsets": tokens.offsets.contiguous()}
+    meta = {"format": STORE_FORMAT, "version": str(STORE_VERSION), "key": json.dumps(key, sort_keys=True, default=str)}
+    try:
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    except OSError as e:
+        store = str(path.parent)
+        if store not in _warned_stores:
+            _warned_stores.add(store)
+            warnings.warn(f"cannot write labelled activations to {store} ({e.strerror or e}); computing them "
+                          f"on every eval instead", stacklevel=3)

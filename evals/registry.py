@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from evals import ground_truth as GROUND_TRUTH
+from evals.ablation import DEFINITIONS as ABLATION_DEFINITIONS
+from evals.baseline import Bootstrap
 from evals.context import EvalContext
+from evals.independence import DEFINITIONS as INDEPENDENCE_DEFINITIONS
+from evals.scr_tpp import UNITS
+from evals.stats import dead_fraction_interval, detectable_density, normal_interval
 
 N_VALUES = (2, 5, 10, 20, 50, 100, 500)
 
@@ -65,6 +72,13 @@ class Headline:
         return value, interval
 
 
+    def null(self, result: dict, n: int) -> dict | None:
+        """The run's comparison with its random-SAE nulls for this number (evals/baseline.py), if measured."""
+        nulls = result.get("null")
+        entry = nulls.get(self.name(n)) if isinstance(nulls, dict) else None
+        return entry if isinstance(entry, dict) else None
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
         return None
@@ -92,27 +106,67 @@ class MetricGroup:
     measured: Callable[[dict, dict], list[str]] = field(default=lambda result, settings: [])
     # The group's rows of the compare page's summary ("which run is better"), in display order.
     headlines: tuple[Headline, ...] = ()
+    # Null-aware groups score the random-SAE nulls too (`EvalContext.subjects`); `null_settings` names the
+    # EvalConfig fields their null results depend on (the null store's key).
+    nulls: bool = False
+    null_settings: tuple[str, ...] = ()
+    # Units and replicates for bootstrap intervals and paired null comparisons (evals/baseline.py) ...
+    bootstrap: Bootstrap | None = None
+    # ... or, for groups that carry their own intervals, the keys compared with the nulls unpaired.
+    unpaired: tuple[str, ...] = ()
 
 
 # --- group computations (thin: the metrics are tensor functions in their own modules) ---------------------------
 
-def _core(ctx: EvalContext) -> dict[Path, dict]:
-    out = {run: dict(ctx.stream[run].core) for run in ctx.saes}
+def _core(ctx: EvalContext) -> dict[Path | str, dict]:
+    subjects = ctx.subjects()
+    out = {key: {**ctx.stream[key].core, UNITS: {"blocks": ctx.stream[key].blocks}} for key in subjects}
     if ctx.synthetic:
         for result in out.values():
             result["ce_score"] = None
             result["note"] = "synthetic cache: no model, so no CE/KL scores, ablations or probes"
         return out
-    from evals.splice import splice_losses
+    from evals.splice import losses_from_sums, splice_context_sums
 
     tokens = ctx.contexts()
-    for run, sae in ctx.saes.items():
-        losses = splice_losses(ctx.model(), ctx.hook, sae, tokens, ctx.special_ids(), device=ctx.cfg.device,
+    sums = splice_context_sums(ctx.model(), ctx.hook, {str(key): sae for key, sae in subjects.items()}, tokens,
+                               ctx.special_ids(), mean=ctx.data_mean, device=ctx.cfg.device,
                                progress=ctx.cfg.progress)
+    shared = {k: v for k, v in sums.items() if ":" not in k}
+    for key in subjects:
         # n_tokens stays the reconstruction metrics' count; the spliced CE/KL report their own.
-        losses["ce_n_tokens"], losses["kl_n_tokens"] = losses.pop("n_tokens"), losses.pop("n_tokens_kl")
-        out[run].update(losses, ce_contexts=len(tokens))
+        out[key].update(losses_from_sums(sums, str(key)), ce_n_tokens=int(sums["n_ce"].sum()),
+                        kl_n_tokens=int(sums["n_kl"].sum()), ce_contexts=len(tokens))
+        out[key][UNITS]["contexts"] = {**shared, "ce:sae": sums[f"ce:{key}"], "kl:sae": sums[f"kl:{key}"]}
     return out
+
+
+def _core_units(result: dict) -> dict[str, int]:
+    units = result.get(UNITS) or {}
+    sizes = {"blocks": len((units.get("blocks") or {}).get("sse", []))}
+    if units.get("contexts"):
+        sizes["contexts"] = len(units["contexts"]["n_ce"])
+    return {k: n for k, n in sizes.items() if n}
+
+
+def _core_replicates(result: dict, weights: dict | None) -> dict[str, Any]:
+    from evals.splice import losses_from_sums
+
+    units = result[UNITS]
+    out: dict[str, Any] = {}
+    blocks = {k: np.asarray(v, dtype=np.float64) for k, v in (units.get("blocks") or {}).items()}
+    if blocks and len(blocks["sse"]):
+        w = None if weights is None else weights["blocks"]
+        sse, sst = (v.sum() for v in blocks.values()) if w is None else (w @ blocks["sse"], w @ blocks["sst"])
+        out["explained_variance"] = 1 - sse / sst
+    if units.get("contexts"):
+        sums = {k: np.asarray(v, dtype=np.float64) for k, v in units["contexts"].items()}
+        losses = losses_from_sums(sums, "sae", None if weights is None else weights["contexts"])
+        out.update({k: losses[k] for k in CE_KEYS if k in losses})
+    return out
+
+
+CE_KEYS = ("ce_score", "kl_score", "ce_score_vs_mean_ablation", "kl_score_vs_mean_ablation")
 
 
 def _density(ctx: EvalContext) -> dict[Path, dict]:
@@ -122,62 +176,144 @@ def _density(ctx: EvalContext) -> dict[Path, dict]:
         result = {k: v for k, v in dens.items() if not torch.is_tensor(v)}
         result["per_latent"] = dens["density"].tolist()
         result["training"] = ctx.training_dead(run)
+        n = int(dens["n_tokens"])
+        if n > 0:
+            result["intervals"] = {"dead_fraction": dead_fraction_interval(dens["counts"].cpu().numpy(), n,
+                                                                           seed=ctx.cfg.seed)}
+            result["dead_below_density"] = detectable_density(n)
         ctx.density_figure(run, dens)
         out[run] = result
     return out
 
 
-def _ablation(ctx: EvalContext) -> dict[Path, dict]:
+def _ablation(ctx: EvalContext) -> dict[Path | str, dict]:
     if ctx.synthetic:
         return {}
     from evals.ablation import latent_ablation_effects
 
     out = {}
-    for run, sae in ctx.saes.items():
-        latents = ctx.cfg.latents or ctx.top_latents(run, ctx.cfg.ablation_latents)
+    for key, sae in ctx.subjects().items():
+        # A run's own latents when listed; its (and each null's) most frequent ones otherwise.
+        latents = (ctx.cfg.latents if ctx.cfg.latents and key in ctx.saes else
+                   ctx.top_latents(key, ctx.cfg.ablation_latents))
         effects = latent_ablation_effects(ctx.model(), ctx.hook, sae, ctx.contexts(), latents, ctx.special_ids(),
                                           device=ctx.cfg.device, progress=ctx.cfg.progress)
-        out[run] = {"latents": {str(i): v for i, v in effects.items()}}
+        out[key] = {"latents": {str(i): v for i, v in effects.items()}, **ablation_summary(effects)}
     return out
 
 
-def _probe_group(task: str) -> Callable[[EvalContext], dict[Path, dict]]:
-    """SCR or TPP: the model runs once over the labelled texts and the probes are fitted once; each SAE then only
-    encodes the cached token activations."""
+def ablation_summary(effects: dict[int, dict]) -> dict[str, Any]:
+    """Mean over the ablated latents of their per-firing CE increase and KL, each with a normal 95% interval from
+    the latents' own (independent) standard errors."""
+    out: dict[str, Any] = {"intervals": {}}
+    for key, name in (("ce_increase", "mean_ce_increase"), ("kl", "mean_kl")):
+        values = [(e[key], e.get("intervals", {}).get(key)) for e in effects.values()
+                  if isinstance(e.get(key), int | float) and np.isfinite(e[key])]
+        if not values:
+            continue
+        out[name] = float(np.mean([v for v, _ in values]))
+        if all(i is not None for _, i in values):
+            se = np.sqrt(sum(((i[1] - i[0]) / (2 * 1.959964)) ** 2 for _, i in values)) / len(values)
+            out["intervals"][name] = normal_interval(out[name], float(se))
+    out["n_latents"] = len(effects)
+    return out
 
-    def compute(ctx: EvalContext) -> dict[Path, dict]:
+
+PROBE_KEYS = {"scr": "scr_metric_threshold_{n}", "tpp": "tpp_threshold_{n}_total_metric"}
+
+
+def _probe_sets(cfg: Any, task: str) -> list:
+    from evals import labelled
+
+    sizes = {"train_size": cfg.labelled_train, "test_size": cfg.labelled_test}
+    if cfg.labelled == "real":
+        return labelled.real_scr_sets(**sizes) if task == "scr" else labelled.real_tpp_sets(**sizes)
+    make = labelled.offline_scr_sets if task == "scr" else labelled.offline_tpp_sets
+    return make(seed=cfg.seed, **sizes)
+
+
+def _probe_group(task: str) -> Callable[[EvalContext], dict[Path | str, dict]]:
+    """SCR or TPP over every labelled set (SCR pairs, TPP sets): the model runs once per set over its texts (or
+    its activations come from the store beside the cache) and the probes are fitted once; each SAE then only
+    encodes the token activations. The headline scores are means over the sets."""
+
+    def compute(ctx: EvalContext) -> dict[Path | str, dict]:
         if ctx.synthetic:
             return {}
-        from evals import labelled, scr_tpp
-        from evals.probes import token_activations
+        from evals import scr_tpp
 
         cfg = ctx.cfg
-        sizes = {"train_size": cfg.labelled_train, "test_size": cfg.labelled_test}
-        real = cfg.labelled == "real"
-        if task == "scr":
-            data = labelled.load_bias_in_bios(**sizes) if real else labelled.offline_scr_set(seed=cfg.seed, **sizes)
-            fit, score = scr_tpp.fit_scr_probes, scr_tpp.scr_from_activations
-        else:
-            data = labelled.load_amazon_reviews(**sizes) if real else labelled.offline_tpp_set(seed=cfg.seed, **sizes)
-            fit, score = scr_tpp.fit_tpp_probes, scr_tpp.tpp_from_activations
-        tokens = token_activations(ctx.model(), ctx.hook, data.texts, device=cfg.device, progress=cfg.progress)
-        pooled = tokens.pooled()
-        probes = fit(pooled, data, seed=cfg.seed)
-        out = {}
-        for run, sae in ctx.saes.items():
-            n_values = [n for n in N_VALUES if n <= sae.d_sae]  # SAEBench asserts N <= d_sae
-            out[run] = score(tokens, data, sae, n_values, seed=cfg.seed, probes=probes, pooled=pooled)
-            out[run]["dataset"] = data.description
-        return out
+        fit, score = ((scr_tpp.fit_scr_probes, scr_tpp.scr_from_activations) if task == "scr" else
+                      (scr_tpp.fit_tpp_probes, scr_tpp.tpp_from_activations))
+        subjects = ctx.subjects()
+        per_set: dict[Path | str, dict[str, dict]] = {key: {} for key in subjects}
+        for data in _probe_sets(cfg, task):
+            tokens = ctx.labelled_activations(data)
+            pooled = tokens.pooled()
+            probes = fit(pooled, data, seed=cfg.seed)
+            for key, sae in subjects.items():
+                n_values = [n for n in N_VALUES if n <= sae.d_sae]  # SAEBench asserts N <= d_sae
+                result = score(tokens, data, sae, n_values, seed=cfg.seed, probes=probes, pooled=pooled)
+                per_set[key][data.description["name"]] = {**result, "dataset": data.description}
+        return {key: _over_sets(task, sets) for key, sets in per_set.items()}
 
     return compute
 
 
-def _independence(ctx: EvalContext) -> dict[Path, dict]:
+def _over_sets(task: str, sets: dict[str, dict]) -> dict:
+    """One SCR/TPP result from per-set results: each metric's mean over the sets that have it."""
+    keys = {k for r in sets.values() for k in r["metrics"]}
+    metrics = {k: _mean_of([r["metrics"].get(k) for r in sets.values()]) for k in sorted(keys)}
+    n_values = sorted({n for r in sets.values() for n in r["n_values"]})
+    mean_key = "scr_metric_mean" if task == "scr" else "tpp_total_metric_mean"
+    return {"metrics": metrics, "n_values": n_values, "n_sets": len(sets), "set_names": list(sets),
+            mean_key: _mean_of([metrics.get(PROBE_KEYS[task].format(n=n)) for n in n_values]), "sets": sets}
+
+
+def _mean_of(values: list) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def _probe_bootstrap(task: str) -> Bootstrap:
+    from evals import scr_tpp
+
+    replicate_one = scr_tpp.scr_replicates if task == "scr" else scr_tpp.tpp_replicates
+
+    def units(result: dict) -> dict[str, int]:
+        return {name: int(r["n_texts"]["test"]) for name, r in (result.get("sets") or {}).items()
+                if r.get(UNITS) is not None}
+
+    def replicate(result: dict, weights: dict | None) -> dict[str, Any]:
+        by_n: dict[int, list] = {}
+        for name, r in result["sets"].items():
+            if r.get(UNITS) is not None:
+                for n, v in replicate_one(r, None if weights is None else weights[name]).items():
+                    by_n.setdefault(int(n), []).append(v)
+        return {PROBE_KEYS[task].format(n=n): np.mean(vs, axis=0) for n, vs in by_n.items()}
+
+    return Bootstrap(units, replicate)
+
+
+INDEPENDENCE_BOOT = 200  # replicates: ~70 ms each at 20k rows x 8192 latents, and the nulls pay it too
+
+
+def _independence(ctx: EvalContext) -> dict[Path | str, dict]:
     from evals.independence import independence_stats
 
-    return {run: independence_stats(ctx.stream[run].sample, sae.W_dec, seed=ctx.cfg.seed)
-            for run, sae in ctx.saes.items()}
+    out = {}
+    for key, sae in ctx.subjects().items():
+        sample = ctx.stream[key].sample
+        # A fixed sample size (recorded as n_tokens): fewer only where the held-out split has fewer rows.
+        n = min(ctx.cfg.independence_tokens, sample.shape[0])
+        out[key] = independence_stats(sample, sae.W_dec, seed=ctx.cfg.seed, n_tokens=n, n_boot=INDEPENDENCE_BOOT)
+    return out
+
+
+def _ground_truth(ctx: EvalContext) -> dict[Path | str, dict]:
+    from evals.ground_truth import ground_truth_group
+
+    return ground_truth_group(ctx)
 
 
 def _tsne(ctx: EvalContext) -> dict[Path, dict]:
@@ -242,6 +378,17 @@ CORE_DEFINITIONS = {
                 "whose input token is not special; x_hat spliced at the hook (special positions left unreplaced); "
                 "CE_zero with the hook's activation zeroed",
     "kl_score": "(KL_zero - KL_sae) / KL_zero, KL of the spliced next-token distribution to the clean one",
+    "ce_mean_ablation": "CE with the hook's activation replaced by the data mean at every position (a gentler "
+                        "baseline than zeros); kl_mean_ablation likewise",
+    "ce_score_vs_mean_ablation": "(CE_mean - CE_sae) / (CE_mean - CE_clean): the CE score against mean ablation; "
+                                 "kl_score_vs_mean_ablation likewise",
+    "intervals": "95% percentile intervals over 1000 bootstrap replicates: CE/KL scores over the evaluated contexts, "
+                 "explained variance over blocks of 128 consecutive held-out rows, SCR/TPP over test texts; dead "
+                 "fraction: binomial over tokens (evals/stats.py dead_fraction_interval)",
+    "null": "per headline number: the run against random SAEs of the same d_sae and k (evals/null.py) scored on "
+            "the same rows, contexts and texts: trained, null mean / std / values, trained - null mean with a 95% "
+            "paired bootstrap interval (the same resampled units for both), includes_zero: whether the metric "
+            "failed to separate this run from a random SAE",
 }
 
 def _probe_metric_group(task: str, label: str, what: str, key: str) -> MetricGroup:
@@ -249,8 +396,11 @@ def _probe_metric_group(task: str, label: str, what: str, key: str) -> MetricGro
     return MetricGroup(
         task, _probe_group(task), {task: f"{what}, probes selected on a validation split"},
         frozenset({"model"}), compare_rows=_probe_rows, paper=_probe_columns(task, key.replace("{n}", "{}")),
-        measured=lambda r, s: _on((label, s.get("labelled_test"), "labelled test texts")),
-        headlines=(Headline(f"{label} at N={{n}}", key, "higher", section="metrics"),))
+        measured=lambda r, s: _on((label, s.get("labelled_test"), "labelled test texts per set"),
+                                  ("sets averaged", r.get("n_sets"), "labelled sets")),
+        headlines=(Headline(f"{label} at N={{n}}", key, "higher", section="metrics"),),
+        nulls=True, null_settings=("labelled", "labelled_train", "labelled_test", "seed"),
+        bootstrap=_probe_bootstrap(task))
 
 
 GROUPS = (
@@ -263,13 +413,16 @@ GROUPS = (
                          "l0": r.get("l0")},
         measured=lambda r, s: _on(("explained variance and L0", r.get("n_tokens"), "held-out activation rows"),
                                   ("CE score", r.get("ce_n_tokens"), "held-out next-token positions")),
+        nulls=True, null_settings=("tokens", "ce_contexts"), bootstrap=Bootstrap(_core_units, _core_replicates),
         headlines=(Headline("explained variance", "explained_variance", "higher"),
                    Headline("CE score", "ce_score", "higher"),
                    Headline("L0", "l0", None, why="no better direction: L0 is set by k (TopK), not a measure of "
                                                   "quality"))),
     MetricGroup(
         "density", _density,
-        {"dead_fraction": "fraction of latents that never fire on the N eval tokens (N reported)",
+        {"dead_fraction": "fraction of latents that never fire on the N eval tokens (N reported); a latent called "
+                          "dead has, at 95% confidence, a density below dead_below_density = -ln(0.05) / N "
+                          "(about 3 / N): rarer latents cannot be told from dead ones on N tokens",
          "dense_fraction": "fraction of latents with eval density > 0.1"},
         frozenset({"stream"}),
         columns=(("dead_fraction", "dead_fraction"), ("dense_fraction", "dense_fraction")),
@@ -279,18 +432,37 @@ GROUPS = (
     MetricGroup(
         "ablation", _ablation,
         {"ablation": "per latent i: on contexts where i fires, remove z_i * W_dec[i] from the spliced "
-                     "reconstruction; mean increase of next-token CE and mean KL to the unablated spliced output"},
-        frozenset({"stream", "model"})),
+                     "reconstruction; mean increase of next-token CE and mean KL to the unablated spliced output over "
+                     "the positions where i fires (evals/ablation.py)",
+         "ablation.mean_ce_increase": "mean over the ablated latents of their per-firing CE increase (mean_kl "
+                                      "likewise), normal 95% interval from the latents' standard errors",
+         **{f"ablation.{k}": v for k, v in ABLATION_DEFINITIONS.items()}},
+        frozenset({"stream", "model"}), compare_rows=lambda r: [(k, v) for k, v in r.items()
+                                                                 if isinstance(v, int | float)],
+        nulls=True, null_settings=("ablation_latents", "ce_contexts"), unpaired=("mean_ce_increase", "mean_kl")),
     _probe_metric_group("tpp", "TPP", "SAEBench targeted probe perturbation (METRICS.md section 5)",
                         "tpp_threshold_{n}_total_metric"),
     _probe_metric_group("scr", "SCR", "SAEBench spurious correlation removal (METRICS.md section 4)",
                         "scr_metric_threshold_{n}"),
     MetricGroup(
         "independence", _independence,
-        {"independence": "mean |Pearson rho| over pairs of alive latents, fraction |rho| > 0.3, mean max |cos| "
-                         "between decoder rows, co-firing of the most frequent latents (evals/independence.py)"},
+        {"independence": "dependence between latents on a fixed number of held-out tokens (independence_tokens), "
+                         "above the noise floor of a column-permutation null (evals/independence.py)",
+         **{f"independence.{k}": v for k, v in INDEPENDENCE_DEFINITIONS.items()}},
         frozenset({"stream"}), sample_rows=lambda cfg: cfg.independence_tokens, compare_rows=_scalars,
-        headlines=(Headline("independence: mean |rho| of alive latents", "mean_abs_rho", "lower"),)),
+        nulls=True, null_settings=("independence_tokens", "seed"), unpaired=("mean_abs_rho_excess",),
+        headlines=(Headline("independence: mean |rho| above the permutation null", "mean_abs_rho_excess", "lower"),
+                   )),
+    MetricGroup(
+        "ground_truth", _ground_truth, GROUND_TRUTH.DEFINITIONS, frozenset(),
+        columns=(("mcc", "mcc"), ("gt_f1", "f1")), compare_rows=_scalars,
+        paper=lambda r: {"mcc": r.get("mcc"), "gt_f1": r.get("f1")},
+        measured=lambda r, s: _on(("ground-truth MCC and F1", r.get("n_rows"), "held-out synthetic rows")),
+        headlines=(Headline("ground truth: MCC", "mcc", "higher"), Headline("ground truth: F1", "f1", "higher"),
+                   Headline("ground truth: uniqueness", "uniqueness", "higher"),
+                   Headline("ground truth: shrinkage", "shrinkage", None,
+                            why="1 is ideal: below 1 the SAE shrinks magnitudes, above it inflates them")),
+        nulls=True, null_settings=("tokens",), bootstrap=GROUND_TRUTH.BOOTSTRAP),
     MetricGroup(
         "tsne", _tsne,
         {"tsne": "activations: latents active on > 1% of tokens, z-scored profiles, Euclidean; decoder: unit "

@@ -47,7 +47,6 @@ from evals.labelled import LabelledSet
 from evals.probes import (
     Ablation,
     TokenActivations,
-    probe_accuracy,
     segment_mean,
     token_activations,
     train_probe,
@@ -59,6 +58,7 @@ SEED = 42  # SAEBench's random_seed
 # SCR scores are set to 0 when A_oracle - A_base is below this (SAEBench: no epsilon, no clamp otherwise).
 MIN_SCR_DENOMINATOR = 0.001
 DIRECTIONS = ("dir1", "dir2")  # SCR: ablate the spurious probe's latents (dir1), the target probe's (dir2)
+UNITS = "_units"  # a result's per-test-text correctness, for bootstrap intervals (not written to eval.json)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,21 +164,36 @@ def rank_latents(
 ProbeTest = tuple[LogisticRegression, np.ndarray | slice, np.ndarray]  # (probe, rows of the pooled set, labels)
 
 
-def ablated_accuracies(
+def ablated_correct(
     pooled: Tensor, latents: Tensor, W_dec: Tensor, ranking: Tensor, ns: Sequence[int], tests: Sequence[ProbeTest]
-) -> tuple[dict[int, list[float]], dict[int, int]]:
-    """For each N: ablate the first N latents of `ranking` (error term added back, `ablated_pooled`) and read
-    the accuracy of every (probe, rows, labels) in `tests`; also the number of latents ablated (N, or fewer when
-    the ranking is shorter). Ablating nothing gives the clean accuracies exactly."""
-    accuracies: dict[int, list[float]] = {}
+) -> tuple[dict[int, list[np.ndarray]], dict[int, int]]:
+    """For each N: ablate the first N latents of `ranking` (error term added back, `ablated_pooled`) and read,
+    for every (probe, rows, labels) in `tests`, which of its rows the probe gets right (bool per row); also the
+    number of latents ablated (N, or fewer when the ranking is shorter). Ablating nothing gives the clean
+    predictions exactly."""
+    correct: dict[int, list[np.ndarray]] = {}
     n_selected: dict[int, int] = {}
     with torch.no_grad():
         for n in ns:
             chosen = ranking[:n]
             X = ablated_pooled(pooled, latents, W_dec, chosen)
-            accuracies[n] = [probe_accuracy(probe, X[rows], y) for probe, rows, y in tests]
+            correct[n] = [probe_correct(probe, X[rows], y) for probe, rows, y in tests]
             n_selected[n] = len(chosen)
-    return accuracies, n_selected
+    return correct, n_selected
+
+
+def ablated_accuracies(
+    pooled: Tensor, latents: Tensor, W_dec: Tensor, ranking: Tensor, ns: Sequence[int], tests: Sequence[ProbeTest]
+) -> tuple[dict[int, list[float]], dict[int, int]]:
+    """`ablated_correct` as accuracies (the fraction right per probe)."""
+    correct, n_selected = ablated_correct(pooled, latents, W_dec, ranking, ns, tests)
+    return {n: [float(c.mean()) for c in cs] for n, cs in correct.items()}, n_selected
+
+
+def probe_correct(probe: LogisticRegression, X: Tensor | np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bool per row: does the probe get it right (its mean is `probes.probe_accuracy`)."""
+    X = X.detach().cpu().double().numpy() if isinstance(X, Tensor) else np.asarray(X, dtype=np.float64)
+    return probe.predict(X) == np.asarray(y)
 
 
 def _check_n_values(n_values: Sequence[int], d_sae: int) -> list[int]:
@@ -242,6 +257,7 @@ class ScrProbes:
     target: LogisticRegression
     spurious: LogisticRegression
     accuracy: dict[str, float]
+    correct: dict[str, np.ndarray] | None = None  # per test text, right or not, keyed like `accuracy`
 
 
 def fit_scr_probes(pooled: Tensor, data: LabelledSet, seed: int = SEED) -> ScrProbes:
@@ -270,12 +286,13 @@ def fit_scr_probes(pooled: Tensor, data: LabelledSet, seed: int = SEED) -> ScrPr
     )
     test = data.splits["test"]
     y_t, y_s = data.labels[target][test], data.labels[spurious][test]
-    probes.accuracy = {
-        "oracle_target": probe_accuracy(probes.target, X[test], y_t),
-        "oracle_spurious": probe_accuracy(probes.spurious, X[test], y_s),
-        "base_target": probe_accuracy(probes.biased, X[test], y_t),
-        "base_spurious": probe_accuracy(probes.biased, X[test], y_s),
+    probes.correct = {
+        "oracle_target": probe_correct(probes.target, X[test], y_t),
+        "oracle_spurious": probe_correct(probes.spurious, X[test], y_s),
+        "base_target": probe_correct(probes.biased, X[test], y_t),
+        "base_spurious": probe_correct(probes.biased, X[test], y_s),
     }
+    probes.accuracy = {key: float(c.mean()) for key, c in probes.correct.items()}
     return probes
 
 
@@ -323,11 +340,13 @@ def scr_from_activations(
     test_pooled, test_latents = pooled[test], pooled_latents(tokens.select(test), sae)
     labels = (data.labels[target][test], data.labels[spurious][test])
     ablated: dict[str, dict[int, float]] = {}
+    correct: dict[str, dict[int, np.ndarray]] = {}
     n_selected: dict[str, dict[int, int]] = {}
     for d, r, y in zip(DIRECTIONS, ranking, labels, strict=True):
-        accs, n_selected[d] = ablated_accuracies(test_pooled, test_latents, sae.W_dec, r, ns,
-                                                 [(probes.biased, slice(None), y)])
-        ablated[d] = {n: a for n, (a,) in accs.items()}
+        right, n_selected[d] = ablated_correct(test_pooled, test_latents, sae.W_dec, r, ns,
+                                               [(probes.biased, slice(None), y)])
+        correct[d] = {n: c for n, (c,) in right.items()}
+        ablated[d] = {n: float(c.mean()) for n, c in correct[d].items()}
     metrics = _scr_metrics(ablated, acc, ns)
     return {
         "metrics": metrics,
@@ -341,7 +360,36 @@ def scr_from_activations(
         "n_selected": n_selected,
         "probe_C": {"biased": probes.biased.C_, "target": probes.target.C_, "spurious": probes.spurious.C_},
         **_provenance(data, seed),
+        # Per test text: the bootstrap's units (evals/baseline.py); the driver drops them from eval.json.
+        UNITS: {"clean": probes.correct, "ablated": correct} if probes.correct is not None else None,
     }
+
+
+def scr_replicates(result: dict[str, Any], weights: np.ndarray | None) -> dict[int, np.ndarray | float]:
+    """`scr_metric_threshold_N` per N recomputed from the per-text units with bootstrap `weights` [B, n_test]
+    (None: the plain means, equal to the reported scores). The direction (S1 or S2) stays the full sample's."""
+    units = result[UNITS]
+    acc = {k: _wmean(c, weights) for k, c in units["clean"].items()}
+    chosen = result["accuracy"]
+    direction = "dir1" if chosen["base_target"] < chosen["base_spurious"] else \
+        "dir2" if chosen["base_target"] > chosen["base_spurious"] else None
+    out: dict[int, np.ndarray | float] = {}
+    if direction is None:
+        return out
+    base, oracle = (("base_target", "oracle_target") if direction == "dir1" else ("base_spurious", "oracle_spurious"))
+    for n, c in units["ablated"][direction].items():
+        den = acc[oracle] - acc[base]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[int(n)] = np.where(den < MIN_SCR_DENOMINATOR, 0.0, (_wmean(c, weights) - acc[base]) / den)
+    return out
+
+
+def _wmean(correct: np.ndarray, weights: np.ndarray | None, rows: np.ndarray | None = None) -> np.ndarray:
+    correct = np.asarray(correct, dtype=np.float64)
+    if weights is None:
+        return np.asarray(correct.mean())
+    w = weights if rows is None else weights[:, rows]
+    return (w @ correct) / w.sum(axis=1)
 
 
 def _scr_metrics(ablated: dict[str, dict[int, float]], acc: dict[str, float], ns: Sequence[int]
@@ -395,6 +443,7 @@ class TppProbes:
     rows: list[dict[str, tuple[np.ndarray, np.ndarray]]]  # per class: split -> (positive rows, negative rows)
     accuracy: list[float]
     class_names: tuple[str, ...]
+    correct: list[np.ndarray] | None = None  # per probe: its test rows, right or not
 
 
 def one_vs_rest_rows(labels: np.ndarray, rows: np.ndarray, c: int, n_classes: int,
@@ -421,7 +470,7 @@ def fit_tpp_probes(pooled: Tensor, data: LabelledSet, seed: int = SEED) -> TppPr
     if n_classes < 2:
         raise ValueError(f"TPP needs >= 2 classes, {attr!r} has {n_classes}")
     rng = np.random.default_rng(seed)
-    probes, rows, accuracy = [], [], []
+    probes, rows, accuracy, correct = [], [], [], []
     for c in range(n_classes):
         split_rows = {s: one_vs_rest_rows(labels, data.splits[s], c, n_classes, rng)
                       for s in ("train", "validation", "test")}
@@ -432,8 +481,9 @@ def fit_tpp_probes(pooled: Tensor, data: LabelledSet, seed: int = SEED) -> TppPr
         probe = train_probe(X["train"], y["train"], X["validation"], y["validation"], seed=seed)
         probes.append(probe)
         rows.append(split_rows)
-        accuracy.append(probe_accuracy(probe, X["test"], y["test"]))
-    return TppProbes(probes, rows, accuracy, tuple(names))
+        correct.append(probe_correct(probe, X["test"], y["test"]))
+        accuracy.append(float(correct[-1].mean()))
+    return TppProbes(probes, rows, accuracy, tuple(names), correct)
 
 
 def tpp_from_activations(
@@ -475,7 +525,8 @@ def tpp_from_activations(
         pos, neg = rows["test"]
         tests.append((probe, position[np.concatenate([pos, neg])], _binary_labels(len(pos), len(neg))))
     # Per ablated class: every probe's accuracy per N, and the number of latents ablated per N.
-    sweeps = [ablated_accuracies(test_pooled, test_latents, sae.W_dec, r, ns, tests) for r in ranking]
+    right = [ablated_correct(test_pooled, test_latents, sae.W_dec, r, ns, tests) for r in ranking]
+    sweeps = [({n: [float(c.mean()) for c in cs] for n, cs in r.items()}, sel) for r, sel in right]
     metrics, per_class = _tpp_metrics([accs for accs, _ in sweeps], probes.accuracy, names, ns)
     return {
         "metrics": metrics,
@@ -490,7 +541,26 @@ def tpp_from_activations(
         "n_selected": {n: {name: sel[n] for name, (_, sel) in zip(names, sweeps, strict=True)} for n in ns},
         "probe_C": {name: probe.C_ for name, probe in zip(names, probes.probes, strict=True)},
         **_provenance(data, seed),
+        # Per test text (rows: each probe's test rows as positions in the test split): bootstrap units.
+        UNITS: {"rows": [rows for _, rows, _ in tests], "clean": probes.correct,
+                "ablated": {n: [r[n] for r, _ in right] for n in ns}} if probes.correct is not None else None,
     }
+
+
+def tpp_replicates(result: dict[str, Any], weights: np.ndarray | None) -> dict[int, np.ndarray | float]:
+    """`tpp_threshold_N_total_metric` per N from the per-text units with bootstrap `weights` [B, n_test] (None:
+    the reported values): each probe's accuracy is its weighted mean over its own test rows."""
+    units = result[UNITS]
+    rows = [np.asarray(r) for r in units["rows"]]
+    clean = [_wmean(c, weights, r) for c, r in zip(units["clean"], rows, strict=True)]
+    out: dict[int, np.ndarray | float] = {}
+    for n, per_class in units["ablated"].items():
+        totals = []
+        for i, probes_right in enumerate(per_class):
+            delta = [a - _wmean(c, weights, r) for a, c, r in zip(clean, probes_right, rows, strict=True)]
+            totals.append(delta[i] - np.mean([d for j, d in enumerate(delta) if j != i], axis=0))
+        out[int(n)] = np.mean(totals, axis=0)
+    return out
 
 
 def _tpp_metrics(ablated: Sequence[dict[int, list[float]]], clean: Sequence[float], names: Sequence[str],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -84,11 +85,93 @@ def kl_to_clean(clean_logprobs: Tensor, new_logprobs: Tensor) -> Tensor:
     return F.kl_div(new_logprobs, clean_logprobs, reduction="none", log_target=True).sum(dim=-1)
 
 
+def mean_hook(mean: Tensor) -> Callable:
+    """Mean ablation: the hook's activation replaced by the data mean at every position (a gentler baseline than
+    zeros: the model still sees a typical residual stream, only the token's information is gone)."""
+
+    def hook(activations: Tensor, hook) -> Tensor:  # noqa: ARG001
+        return mean.to(device=activations.device, dtype=activations.dtype).expand_as(activations).clone()
+
+    return hook
+
+
 def _batches(n: int, batch_size: int, progress: bool, desc: str):
     return tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)
 
 
 @torch.no_grad()
+def splice_context_sums(
+    model,
+    hook_name: str,
+    saes: dict[str, SAEWeights],
+    tokens: Tensor,
+    special_ids: Iterable[int],
+    mean: Tensor | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Per context (row of `tokens` [n, ctx]): float64 sums of next-token CE and of KL to the clean output over the
+    counted positions, and their counts. Keys: "ce_clean", "ce_zero", "kl_zero", with `mean` also "ce_mean",
+    "kl_mean" (mean ablation), "ce:NAME" and "kl:NAME" per SAE, "n_ce", "n_kl". The clean and ablated forwards run
+    once for all SAEs; the sums are the units a bootstrap over contexts resamples."""
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [n, ctx] with ctx >= 2, got {list(tokens.shape)}")
+    saes = {name: sae_to(sae, device) for name, sae in saes.items()}
+    special_ids = list(special_ids)
+    parts: dict[str, list[Tensor]] = {}
+    for start in _batches(tokens.shape[0], batch_size, progress, "splice CE/KL"):
+        tok = tokens[start : start + batch_size].to(device=device, dtype=torch.long)
+        mask = counted_mask(tok, special_ids)
+        for key, value in _batch_sums(model, hook_name, saes, tok, mask, mean).items():
+            parts.setdefault(key, []).append(value.cpu())
+    sums = {key: torch.cat(v).numpy() for key, v in parts.items()}
+    if sums["n_ce"].sum() == 0:
+        raise ValueError("no counted positions: every input token is special")
+    return sums
+
+
+def _batch_sums(model, hook_name: str, saes: dict[str, SAEWeights], tok: Tensor, mask: Tensor,
+                mean: Tensor | None) -> dict[str, Tensor]:
+    ce_mask = mask[:, :-1]
+    lp_clean = log_probs(model(tok, return_type="logits"))
+    out = {"ce_clean": torch.where(ce_mask, next_token_ce(lp_clean, tok), 0).double().sum(1),
+           "n_ce": ce_mask.sum(1).double(), "n_kl": mask.sum(1).double()}
+    hooks = {"zero": zero_hook, **({"mean": mean_hook(mean)} if mean is not None else {}),
+             **{f":{name}": splice_hook(sae, mask) for name, sae in saes.items()}}
+    for name, hook in hooks.items():
+        lp = log_probs(model.run_with_hooks(tok, return_type="logits", fwd_hooks=[(hook_name, hook)]))
+        key = name if name.startswith(":") else f"_{name}"
+        out[f"ce{key}"] = torch.where(ce_mask, next_token_ce(lp, tok), 0).double().sum(1)
+        out[f"kl{key}"] = torch.where(mask, kl_to_clean(lp_clean, lp), 0).double().sum(1)
+        del lp  # [B, L, vocab]: keep at most two alive
+    return out
+
+
+def losses_from_sums(sums: dict[str, np.ndarray], name: str, weights: np.ndarray | None = None) -> dict:
+    """Global-mean CE/KL (clean, the SAE `name`, zero- and, if measured, mean-ablated) and ce_score / kl_score
+    from per-context sums; with bootstrap `weights` [B, n] every value is an array over replicates."""
+    def total(key: str):
+        v = sums[key]
+        return v.sum() if weights is None else weights @ v
+
+    n_ce, n_kl = total("n_ce"), total("n_kl")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {"ce_clean": total("ce_clean") / n_ce, "ce_sae": total(f"ce:{name}") / n_ce,
+               "ce_zero": total("ce_zero") / n_ce, "kl_sae": total(f"kl:{name}") / n_kl,
+               "kl_zero": total("kl_zero") / n_kl}
+        out |= ce_kl_scores(out["ce_clean"], out["ce_sae"], out["ce_zero"], out["kl_sae"], out["kl_zero"])
+        if "ce_mean" in sums:
+            out["ce_mean_ablation"], out["kl_mean_ablation"] = total("ce_mean") / n_ce, total("kl_mean") / n_kl
+            mean_scores = ce_kl_scores(out["ce_clean"], out["ce_sae"], out["ce_mean_ablation"], out["kl_sae"],
+                                       out["kl_mean_ablation"])
+            out["ce_score_vs_mean_ablation"] = mean_scores["ce_score"]
+            out["kl_score_vs_mean_ablation"] = mean_scores["kl_score"]
+    if weights is None:
+        out = {k: float(v) for k, v in out.items()}
+    return out
+
+
 def splice_losses(
     model,
     hook_name: str,
@@ -104,26 +187,7 @@ def splice_losses(
 
     `tokens` is LongTensor [n, ctx]; `model` a HookedTransformer already on `device`.
     """
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be [n, ctx] with ctx >= 2, got {list(tokens.shape)}")
-    sae = sae_to(sae, device)
-    sums = dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero"), 0.0)
-    n_ce = n_kl = 0
-    for start in _batches(tokens.shape[0], batch_size, progress, "splice CE/KL"):
-        tok = tokens[start : start + batch_size].to(device=device, dtype=torch.long)
-        mask = counted_mask(tok, special_ids)
-        ce_mask = mask[:, :-1]
-        lp_clean = log_probs(model(tok, return_type="logits"))
-        sums["ce_clean"] += next_token_ce(lp_clean, tok)[ce_mask].double().sum().item()
-        for name, hook in (("sae", splice_hook(sae, mask)), ("zero", zero_hook)):
-            lp = log_probs(model.run_with_hooks(tok, return_type="logits", fwd_hooks=[(hook_name, hook)]))
-            sums[f"ce_{name}"] += next_token_ce(lp, tok)[ce_mask].double().sum().item()
-            sums[f"kl_{name}"] += kl_to_clean(lp_clean, lp)[mask].double().sum().item()
-            del lp  # [B, L, vocab]: keep at most two alive
-        n_ce += int(ce_mask.sum())
-        n_kl += int(mask.sum())
-    if n_ce == 0:
-        raise ValueError("no counted positions: every input token is special")
-    out = {key: value / n_ce if key.startswith("ce") else value / n_kl for key, value in sums.items()}
-    out |= ce_kl_scores(out["ce_clean"], out["ce_sae"], out["ce_zero"], out["kl_sae"], out["kl_zero"])
-    return out | {"n_tokens": n_ce, "n_tokens_kl": n_kl}
+    sums = splice_context_sums(model, hook_name, {"sae": sae}, tokens, special_ids, batch_size=batch_size,
+                               device=device, progress=progress)
+    return losses_from_sums(sums, "sae") | {"n_tokens": int(sums["n_ce"].sum()),
+                                            "n_tokens_kl": int(sums["n_kl"].sum())}

@@ -34,7 +34,7 @@ def metrics(ev=None, ce=None, l0=None, dead=None, scr=None, tpp=None, rho=None, 
         out["tpp"] = {"metrics": {f"tpp_threshold_{n}_total_metric": v for n, v in tpp.items()},
                       "n_values": list(tpp)}
     if rho is not None:
-        out["independence"] = {"mean_abs_rho": rho}
+        out["independence"] = {"mean_abs_rho_excess": rho}
     for group, ivals in intervals.items():
         out.setdefault(group, {})["intervals"] = ivals
     return out
@@ -52,12 +52,13 @@ def test_best_run_follows_the_direction_of_better():
             metrics(ev=0.90, ce=0.90, l0=64.0, dead=0.30, rho=0.05, scr={5: 0.1, 20: 0.3}),
             metrics(ev=0.70, ce=0.99, l0=16.0, dead=0.10, rho=0.01, scr={5: 0.2, 20: 0.2})]
     rows = headline_rows(runs, 20)
-    assert [r.headline.title(20) for r in rows] == ["explained variance", "CE score", "L0", "dead fraction",
-                                                     "SCR at N=20", "independence: mean |rho| of alive latents"]
+    assert [r.headline.title(20) for r in rows] == [
+        "explained variance", "CE score", "L0", "dead fraction", "SCR at N=20",
+        "independence: mean |rho| above the permutation null"]
     assert row(rows, "explained variance").best == [1]  # higher is better
     assert row(rows, "CE score").best == [2]
     assert row(rows, "dead fraction").best == [0]  # lower is better: the lowest, not the highest
-    assert row(rows, "independence: mean |rho| of alive latents").best == [2]
+    assert row(rows, "independence: mean |rho| above the permutation null").best == [2]
     assert row(rows, "SCR at N=20").best == [1]  # the score at the chosen N ...
     assert row(headline_rows(runs, 5), "SCR at N=5", n=5).best == [0]  # ... not at another
     l0 = row(rows, "L0")
@@ -294,3 +295,18 @@ def test_definitions_and_names_are_escaped(page, tmp_path, monkeypatch):
 def test_n_must_be_a_measured_n(tmp_path):
     with pytest.raises(ValueError, match="--n 7: SCR and TPP are measured at N in 2, 5"):
         compare_runs(["a", "b"], CompareConfig(cache="c", out=str(tmp_path / "x.html"), n=7))
+
+
+def test_a_score_not_separated_from_its_random_sae_null_says_so():
+    null_ok = {"difference": 0.2, "interval": [0.1, 0.3], "includes_zero": False}
+    null_zero = {"difference": 0.01, "interval": [-0.05, 0.07], "includes_zero": True}
+    runs = [metrics(scr={20: 0.5}), metrics(scr={20: 0.3})]
+    runs[0]["scr"]["null"] = {"scr_metric_threshold_20": null_ok}
+    runs[1]["scr"]["null"] = {"scr_metric_threshold_20": null_zero}
+    r = row(headline_rows(runs, 20), "SCR at N=20")
+    assert r.nulls == [null_ok, null_zero]
+    assert r.note.startswith("not separated from a random SAE for 1 of 2 runs")
+    from dashboards.compare import _null_text
+
+    assert "not separated" in _null_text(null_zero) and "not separated" not in _null_text(null_ok)
+    assert "+0.2 [0.1, 0.3]" in _null_text(null_ok)

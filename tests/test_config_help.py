@@ -12,7 +12,7 @@ from cli import _config, add_config_flags, build_parser, field_default, field_he
 
 PACKAGES = ("activations", "vsae", "evals", "dashboards", "pipeline")
 # Commands whose flags are generated from config dataclasses (cache-info only reads a directory).
-GENERATED = ("build-tiny-model", "harvest", "train", "eval", "dashboard", "compare", "study", "demo", "serve")
+GENERATED = ("build-tiny-model", "harvest", "train", "eval", "dashboard", "compare", "study", "demo", "serve", "synth")
 
 
 def _config_classes() -> dict[str, type]:

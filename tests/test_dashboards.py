@@ -367,11 +367,13 @@ def test_compare_and_eval_agree_on_special_rows(tmp_path):
     """A latent that fires only on special-token rows is dead for `vsae eval` and for the compare page alike."""
     from dashboards.compare import measure_densities
     from evals.driver import EvalConfig, evaluate
+    from tests.provenance_helpers import mark_trained_on
 
     cache = special_token_cache(tmp_path / "cache")
     sae = SAEWeights(W_enc=torch.eye(4), b_enc=torch.zeros(4), W_dec=torch.eye(4), b_dec=torch.zeros(4), k=3,
                      apply_b_dec_to_input=False)
     run = save_run(tmp_path / "run", sae, "synthetic", model="special")
+    mark_trained_on(run, cache)
     doc = evaluate([run], EvalConfig(cache=str(cache), metrics=["density"], progress=False))[str(run)]
     density = doc["metrics"]["density"]
     [measured], n = measure_densities([sae], str(cache), 0.05, CompareConfig(cache=str(cache), progress=False))

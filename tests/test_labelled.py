@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -159,3 +161,164 @@ def test_amazon_reviews_tpp_by_default_balanced_over_rating(monkeypatch):
         assert data.class_names["rating"][data.labels["rating"][i]] == text.split()[1]
     rows = data.splits["test"]
     assert np.bincount(2 * data.labels["category"][rows] + data.labels["rating"][rows]).tolist() == [10] * 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The harder generated sets and the lists an evaluation averages over
+
+
+def _bow_accuracy(data: LabelledSet, attr: str, positive: int, train: str = "train") -> float:
+    """Cheap proxy of a clean probe: bag-of-words logistic regression, `attr == positive` vs the rest, trained on
+    split `train` and scored on "test" with as many negatives as positives (as TPP's one-vs-rest rows)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    X = CountVectorizer(token_pattern=r"[a-z]+").fit_transform([t.lower() for t in data.texts])
+    y = (data.labels[attr] == positive).astype(int)
+    rng = np.random.default_rng(0)
+
+    def balanced(rows: np.ndarray) -> np.ndarray:
+        pos, neg = rows[y[rows] == 1], rows[y[rows] == 0]
+        return np.concatenate([pos, rng.permutation(neg)[: len(pos)]])
+
+    tr, te = balanced(data.splits[train]), balanced(data.splits["test"])
+    clf = LogisticRegression(C=0.3, max_iter=2000).fit(X[tr], y[tr])
+    return float((clf.predict(X[te]) == y[te]).mean())
+
+
+@pytest.mark.parametrize("build", [
+    lambda: labelled.hard_tpp_set(train_size=2000, test_size=1000),
+    pytest.param(lambda: labelled.offline_tpp_set(train_size=2000, test_size=1000),
+                 marks=pytest.mark.xfail(strict=True, reason="the old set is saturated: one keyword decides")),
+])
+def test_harder_tpp_set_is_neither_saturated_nor_weak_for_a_bag_of_words_probe(build):
+    data = build()
+    attr = data.roles["classes"]
+    accs = [_bow_accuracy(data, attr, c) for c in range(len(data.class_names[attr]))]
+    assert all(0.75 < a < 0.97 for a in accs), accs
+
+
+@pytest.mark.parametrize("pair", labelled.HARD_SCR_PAIRS)
+def test_harder_scr_set_target_is_learnable_and_spurious_more_salient(pair):
+    data = labelled.hard_scr_set(train_size=2000, test_size=1000, pair=pair)
+    target, spurious = data.roles["target"], data.roles["spurious"]
+    a_target = _bow_accuracy(data, target, 1, "train_balanced")
+    a_spurious = _bow_accuracy(data, spurious, 1, "train_balanced")
+    assert 0.75 < a_target < 0.97 and 0.75 < a_spurious < 0.99
+    assert a_spurious > a_target  # METRICS.md section 6: the biased probe must lean on the spurious attribute
+
+
+def test_the_old_scr_set_fails_the_harder_sets_bound():
+    data = offline_scr_set(train_size=2000, test_size=1000)
+    assert _bow_accuracy(data, "gender", 1, "train_balanced") >= 0.97  # a pronoun decides: why it was replaced
+
+
+def test_harder_sets_spread_each_class_over_many_words():
+    data = labelled.hard_tpp_set(train_size=400, test_size=200)
+    for c, topic in enumerate(data.class_names["topic"]):
+        own = " ".join(data.texts[i] for i in np.flatnonzero(data.labels["topic"] == c)).lower()
+        words = set(own.replace(".", " ").replace(",", " ").split())
+        lexicon = {w for slot in labelled.TOPIC_LEXICON[topic].values() for w in slot}
+        assert len(words & lexicon) > 20  # dozens of the class's own words, no single keyword
+        # Every lexicon word is also found in other classes' texts (fidelity < 1, and shared words).
+        others = " ".join(data.texts[i] for i in np.flatnonzero(data.labels["topic"] != c)).lower()
+        assert len(lexicon & set(others.replace(".", " ").replace(",", " ").split())) > 0.8 * len(lexicon)
+
+
+def test_harder_sets_layout_and_determinism():
+    scr = labelled.hard_scr_set(seed=5, train_size=80, test_size=40, validation_size=20)
+    assert _same(scr, labelled.hard_scr_set(seed=5, train_size=80, test_size=40, validation_size=20))
+    assert not _same(scr, labelled.hard_scr_set(seed=6, train_size=80, test_size=40, validation_size=20))
+    t, s = scr.labels["topic"], scr.labels["mood"]
+    assert len(scr.splits["train"]) == 80 and np.array_equal(t[scr.splits["train"]], s[scr.splits["train"]])
+    for split, per_quadrant in (("train_balanced", 20), ("validation", 5), ("test", 10)):
+        rows = scr.splits[split]
+        assert np.bincount(2 * t[rows] + s[rows], minlength=4).tolist() == [per_quadrant] * 4
+        assert abs(np.corrcoef(t[rows], s[rows])[0, 1]) < 1e-9
+    tpp = labelled.hard_tpp_set(seed=5, train_size=40, test_size=20)
+    assert _same(tpp, labelled.hard_tpp_set(seed=5, train_size=40, test_size=20))
+    for split, per_class in (("train", 20), ("validation", 10), ("test", 10)):
+        rows = tpp.splits[split]
+        y, g = tpp.labels["topic"][rows], tpp.labels["gender"][rows]
+        assert np.bincount(2 * y + g).tolist() == [per_class // 2] * 10
+    all_rows = np.concatenate(list(tpp.splits.values()))
+    assert len(all_rows) == len(set(all_rows.tolist())) == len(tpp.texts)  # splits disjoint
+
+
+def test_offline_lists_have_unique_names_and_enough_test_texts_per_probe():
+    from evals.scr_tpp import one_vs_rest_rows
+    from evals.shakespeare_sets import corpus_available
+
+    scr = labelled.offline_scr_sets()
+    names = [d.description["name"] for d in scr]
+    assert len(names) == len(set(names)) and len(scr) >= 2 + corpus_available()
+    assert all(len(d.splits["test"]) >= 1000 for d in scr)
+    tpp = labelled.offline_tpp_sets()
+    assert len({d.description["name"] for d in tpp}) == len(tpp) == 1 + corpus_available()
+    rng = np.random.default_rng(0)
+    for data in tpp:
+        attr = data.roles["classes"]
+        n = len(data.class_names[attr])
+        for c in range(n):
+            pos, neg = one_vs_rest_rows(data.labels[attr], data.splits["test"], c, n, rng)
+            assert len(pos) + len(neg) >= 1000, (data.description["name"], c)
+    for data in scr + tpp:
+        json.dumps(data.description)  # a plain JSON key for the activation store
+
+
+def test_offline_lists_leave_out_the_shakespeare_sets_with_a_warning_when_the_corpus_is_missing(monkeypatch):
+    from evals import shakespeare_sets
+
+    def missing():
+        raise shakespeare_sets.CorpusUnavailableError("the corpus is not here")
+
+    monkeypatch.setattr(shakespeare_sets, "shakespeare_passages", missing)
+    with pytest.warns(UserWarning, match="generated sets only"):
+        sets = labelled.offline_scr_sets(train_size=40, test_size=20)
+    expected = [f"generated_scr_{a}_{b}_{c}" for a, b, c in labelled.HARD_SCR_PAIRS]
+    assert [d.description["name"] for d in sets] == expected
+    with pytest.warns(UserWarning, match="generated sets only"):
+        assert [d.description["name"] for d in labelled.offline_tpp_sets(train_size=40, test_size=20)] == [
+            "generated_tpp"]
+
+
+def test_real_lists_are_saebench_runs_with_unique_names(monkeypatch):
+    import datasets
+
+    def bios(n, seed):
+        rng = np.random.default_rng(seed)
+        wanted = {p for pair in labelled.BIOS_SCR_PAIRS for p in pair} | set(labelled.BIOS_TPP_CLASSES)
+        profession = rng.choice([labelled.PROFESSIONS.index(p) for p in sorted(wanted)], n)
+        gender = rng.integers(0, 2, n)
+        return _FakeSplit({"hard_text": [f"b{i}" for i in range(n)], "profession": profession.tolist(),
+                           "gender": gender.tolist()})
+
+    def amazon(n, seed):
+        rng = np.random.default_rng(seed)
+        wanted = {c for pair in labelled.AMAZON_SCR_PAIRS for c in pair} | set(labelled.AMAZON_TPP_CLASSES)
+        category = rng.choice([labelled.AMAZON_CATEGORIES.index(c) for c in sorted(wanted)], n)
+        return _FakeSplit({"text": [f"a{i}" for i in range(n)], "category": category.tolist(),
+                           "rating": rng.choice([1.0, 5.0], n).tolist()})
+
+    loads = []
+    fake = {labelled.BIAS_IN_BIOS: {"train": bios(6000, 0), "test": bios(2000, 1)},
+            labelled.AMAZON_REVIEWS: {"train": amazon(6000, 2), "test": amazon(2000, 3)}}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: loads.append(name) or fake[name])
+    scr = labelled.real_scr_sets(train_size=40, test_size=40)
+    assert len(scr) == 8 and loads == [labelled.BIAS_IN_BIOS, labelled.AMAZON_REVIEWS]  # each dataset loaded once
+    names = [d.description["name"] for d in scr]
+    assert len(set(names)) == 8 and f"{labelled.BIAS_IN_BIOS}_scr_professor_nurse" in names
+    tpp = labelled.real_tpp_sets(train_size=40, test_size=40)
+    assert [d.description["name"] for d in tpp] == [f"{labelled.BIAS_IN_BIOS}_tpp", f"{labelled.AMAZON_REVIEWS}_tpp"]
+
+
+def test_real_lists_offline_raise_one_error_naming_the_hub(monkeypatch):
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'huggingface.co'")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    for make in (labelled.real_scr_sets, labelled.real_tpp_sets):
+        with pytest.raises(LabelledSetError, match="Hugging Face hub is unreachable"):
+            make(train_size=40, test_size=40)

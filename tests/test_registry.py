@@ -10,6 +10,7 @@ import evals.driver
 from evals import registry
 from evals.driver import EvalConfig, evaluate
 from evals.registry import GROUPS, METRIC_GROUPS, MetricGroup, definitions, parse_metrics
+from tests.provenance_helpers import mark_trained_on
 from tests.synthetic import planted_features, synthetic_cache
 from vsae.checkpoint import SAEWeights, write_sae
 
@@ -25,6 +26,7 @@ def cache_and_run(tmp_path):
     run.mkdir()
     write_sae(run, sae, {"model_name": "planted", "hook_name": "synthetic", "context_size": 17,
                          "dataset_path": str(cache)})
+    mark_trained_on(run, cache)
     return cache, run
 
 
