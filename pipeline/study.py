@@ -9,16 +9,27 @@ same held-out tokens, then the size-matched TopK arm, and a report of each switc
       report.md, report.html
 
 Every stage is resumable: training continues from the runs' checkpoints, evaluation skips runs whose
-eval.json already holds the requested metrics, and a rerun with the same plan continues where it stopped.
+eval.json records, for every requested group, the run's current weights, this cache, the study's split and the
+same settings (`stale_reason`; checked again on every rerun), and a rerun with the same plan continues where it
+stopped.
+
+The plan's top-level `seeds` (a count from the [train] seed, or a list; default 1) trains every run spec with each
+seed (names end in -seedN). A switch's effect is paired within a seed and reported with a 95% t interval over the
+pairs (`paired_effect`); the report says which differences are significant, gives SCR/TPP's N as a fraction of
+each run's alive latents, and says for the CE score, SCR and TPP whether each run separates from its random-SAE
+null. The size-matched TopK copies its source run's recipe but for the variant and d_sae (`matched_recipe`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+
+import numpy as np
 
 from activations.atomic import write_text_atomic
 from activations.cache import manifest_hash, read_manifest
@@ -27,11 +38,14 @@ from activations.guard import DirLock, plain_name
 from dashboards.assets import CSS
 from dashboards.compare import CompareConfig, compare_runs
 from dashboards.html import esc, page, table
+from evals.baseline import separated
 from evals.driver import EvalConfig, evaluate
 from evals.figures import write_figure
-from evals.registry import METRICS, measured_on, paper_row
+from evals.provenance import weights_hash
+from evals.registry import METRIC_GROUPS, METRICS, Headline, measured_on, paper_row
+from evals.stats import LEVEL
 from vsae.config import PRESETS, SAEConfig, TrainConfig, label_part
-from vsae.run import EVAL_JSON, RunError
+from vsae.run import EVAL_JSON, RunError, read_run
 from vsae.trainer import train as train_saes
 from vsae.variants import VARIANTS
 
@@ -40,7 +54,7 @@ SAE_FIELDS = tuple(f.name for f in fields(SAEConfig))
 TRAIN_SWITCHES = ("steps", "tokens", "lr", "batch_size", "lr_warmup_steps", "seed")  # allowed per run
 # The size-matched arm's variant: the plain TopK SAE, sized to each other variant's alive latents.
 BASELINE = "topk"
-PLAN_KEYS = ("name", "description", "train", "eval", "sae", "arm", "size_matched")
+PLAN_KEYS = ("name", "description", "seeds", "train", "eval", "sae", "arm", "size_matched")
 # Settings that change where or how fast, not what is computed: they may differ on a rerun.
 NOT_PLAN = ("device", "progress", "out", "cache")
 
@@ -118,7 +132,32 @@ def load_plan(path: str | Path) -> dict:
     bad = [m for m in plan.get("eval", {}).get("metrics", []) if m not in METRICS]
     if bad:
         raise StudyError(f"plan {path}: unknown metric(s) {', '.join(bad)}; choose from {', '.join(METRICS)}")
+    _check_seeds(plan, path)
     return plan
+
+
+def _check_seeds(plan: dict, path: Path) -> None:
+    seeds = plan.get("seeds", 1)
+    ok = (isinstance(seeds, int) and not isinstance(seeds, bool) and seeds >= 1) or (
+        isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        and len(set(seeds)) == len(seeds))
+    if not ok:
+        raise StudyError(f"plan {path}: seeds must be a count >= 1 (seeds = 2: the [train] seed and the next one) "
+                         f"or a list of distinct integer seeds, got {seeds!r}")
+    if "seeds" in plan:
+        setters = [f"arm {a['name']}" for a in plan["arm"] if "seed" in a]
+        setters += ["[size_matched]"] if "seed" in (plan.get("size_matched") or {}) else []
+        setters += ["[train]"] if isinstance(seeds, list) and "seed" in plan.get("train", {}) else []
+        if setters:
+            raise StudyError(f"plan {path}: {', '.join(setters)} set seed, but the plan's seeds = {seeds!r} sets "
+                             f"every run's seed; remove one of them")
+
+
+def plan_seeds(plan: dict, base: int) -> list[int]:
+    """The training seeds every run spec is trained with: the plan's `seeds` list, or a count of seeds starting at
+    the run's [train] seed (`base`); one seed (`base`) when the plan names none."""
+    seeds = plan.get("seeds", 1)
+    return list(seeds) if isinstance(seeds, list) else [base + i for i in range(seeds)]
 
 
 def _check_fields(table: dict, allowed: tuple[str, ...], where: str) -> None:
@@ -194,7 +233,8 @@ def _skip_reason(sae: dict, train: dict, base_sae: dict, d_in: int, seen: dict[s
 
 
 def expand(plan: dict, d_in: int, steps: int | None = None) -> tuple[list[RunSpec], list[str]]:
-    """The plan's runs, deduplicated, and the skipped combinations with the reason of each."""
+    """The plan's runs, deduplicated, each trained with every seed of the plan (`plan_seeds`), and the skipped
+    combinations with the reason of each (one line for all seeds: a reason never depends on the seed)."""
     specs, skipped, seen = [], [], {}
     for arm in plan["arm"]:
         base_sae, _ = _resolve(plan, arm.get("preset"), {})
@@ -202,13 +242,15 @@ def expand(plan: dict, d_in: int, steps: int | None = None) -> tuple[list[RunSpe
             sae, train = _resolve(plan, arm.get("preset"), values)
             if steps is not None:
                 train.update(steps=steps, tokens=None)
-            reason = _skip_reason(sae, train, base_sae, d_in, seen)
+            seeds = plan_seeds(plan, train["seed"])
+            reason = _skip_reason(sae, {**train, "seed": seeds[0]}, base_sae, d_in, seen)
             if reason is not None:
                 what = f"{arm['name']}: " + ", ".join(f"{k}={v}" for k, v in values.items())
                 skipped.append(f"{what} ({reason})")
                 continue
-            seen[_key(sae, train)] = len(specs)
-            specs.append(RunSpec(name="", arm=arm["name"], sae=sae, train=train))
+            for seed in seeds:
+                seen[_key(sae, {**train, "seed": seed})] = len(specs)
+                specs.append(RunSpec(name="", arm=arm["name"], sae=dict(sae), train={**train, "seed": seed}))
     _name(specs)
     skipped = [_renumber(s, specs) for s in skipped]
     return specs, skipped
@@ -252,9 +294,10 @@ def _name(specs: list[RunSpec]) -> None:
 
 def size_matched(plan: dict, specs: list[RunSpec], alive: dict[str, int], d_in: int,
                  steps: int | None) -> tuple[list[RunSpec], list[str]]:
-    """TopK runs with d_sae = each selected run's alive-latent count (and its k); by default every run of a variant
-    other than TopK is selected."""
-    sm = plan.get("size_matched")  # an empty [size_matched] table: the plain TopK defaults of the plan
+    """TopK runs with d_sae = each selected run's alive-latent count, each a copy of its source run's recipe (every
+    SAE and training field, seed included) but for the variant and d_sae (`matched_recipe`); by default every run
+    of a variant other than TopK is selected."""
+    sm = plan.get("size_matched")  # an empty [size_matched] table: copies of the selected runs' recipes
     if sm is None:
         return [], []
     where = sm.get("where", {})
@@ -263,13 +306,7 @@ def size_matched(plan: dict, specs: list[RunSpec], alive: dict[str, int], d_in: 
     for src in specs:
         if not _selected(src, where):
             continue
-        values = {k: v for k, v in sm.items() if k not in ("preset", "where")}
-        sae, train = _resolve(plan, sm.get("preset"), {**values, "variant": BASELINE, "k": src.sae["k"],
-                                                       "d_sae": alive[src.name]})
-        if "steps" not in values and "tokens" not in values:
-            train.update(steps=src.train["steps"], tokens=src.train["tokens"])
-        if steps is not None:
-            train.update(steps=steps, tokens=None)
+        sae, train = matched_recipe(plan, src, alive[src.name], steps)
         try:
             SAEConfig(**sae).validate(d_in)
         except ValueError as e:
@@ -286,6 +323,38 @@ def size_matched(plan: dict, specs: list[RunSpec], alive: dict[str, int], d_in: 
         seen[key] = [src.name]
         out.append(spec)
     return out, skipped
+
+
+def matched_recipe(plan: dict, src: RunSpec, d_sae: int, steps: int | None) -> tuple[dict, dict]:
+    """(SAE fields, train fields) of the TopK size-matched to `src`: src's recipe (decoder, pre-bias, AuxK, b_dec
+    init, lr, seed, ...) <- the [size_matched] preset <- its fields, then variant TopK, src's k and `d_sae`.
+    Fields that act only on src's variant go back to the arm's base values (as on the grid's TopK runs). With no
+    preset or fields in [size_matched], only the variant and the size differ from src."""
+    sm = plan.get("size_matched") or {}
+    arm = next((a for a in plan["arm"] if a["name"] == src.arm), {})
+    base, _ = _resolve(plan, arm.get("preset"), {})
+    sae = {**src.sae, **{f: base[f] for f in foreign_fields(BASELINE)}}
+    train = dict(src.train)
+    if sm.get("preset"):
+        sae.update(PRESETS[sm["preset"]][0])
+        train.update({k: v for k, v in PRESETS[sm["preset"]][1].items() if k not in NOT_PLAN})
+    values = {k: v for k, v in sm.items() if k not in ("preset", "where")}
+    for k, v in values.items():
+        (sae if k in SAE_FIELDS else train)[k] = v
+    sae.update(variant=BASELINE, k=src.sae["k"], d_sae=d_sae)
+    if "steps" not in values and "tokens" not in values:
+        train.update(steps=src.train["steps"], tokens=src.train["tokens"])
+    if steps is not None:
+        train.update(steps=steps, tokens=None)
+    return sae, train
+
+
+def recipe_differences(matched: RunSpec, src: RunSpec) -> list[str]:
+    """Fields in which a size-matched TopK differs from its source run beyond the variant and d_sae (fields that
+    act only on the source's variant aside): none unless the plan's [size_matched] asked for them."""
+    ignore = {"variant", "d_sae", *foreign_fields(BASELINE)}
+    a, b = matched.switches(), src.switches()
+    return [k for k in a if k not in ignore and a[k] != b.get(k)]
 
 
 def _selected(spec: RunSpec, where: dict) -> bool:
@@ -364,21 +433,53 @@ def _eval_config(plan: dict, cfg: StudyConfig) -> EvalConfig:
     return EvalConfig(**{**e, "cache": cfg.cache, "device": cfg.device, "progress": cfg.progress})
 
 
-def _evaluated(run: Path, ecfg: EvalConfig, cache_hash: str) -> bool:
+# EvalConfig fields that do not change what a group computes (the cache is checked by its hash instead).
+SETTINGS_IGNORED = ("metrics", "device", "progress", "cache")
+
+
+def stale_reason(run: Path, ecfg: EvalConfig, cache_hash: str) -> str | None:
+    """Why the run's eval.json cannot be reused for `ecfg` (None: it can). Every requested group must record, in
+    eval.json's provenance, the run's current weights, this cache, the held-out split the study scores (the run's
+    own eval fraction, or the whole cache under other_cache) and the same settings as `ecfg`."""
     try:
         doc = json.loads((run / EVAL_JSON).read_text())
     except (OSError, json.JSONDecodeError):
-        return False
-    same = {k: v for k, v in asdict(ecfg).items() if k not in ("metrics", "device", "progress", "cache")}
-    settings = doc.get("settings", {})
-    return (doc.get("cache_hash") == cache_hash and set(ecfg.metrics) <= set(doc.get("metrics", {}))
-            and all(settings.get(k) == v for k, v in same.items()))
+        return "no eval.json"
+    origins = doc.get("provenance") if isinstance(doc.get("provenance"), dict) else {}
+    metrics = doc.get("metrics") if isinstance(doc.get("metrics"), dict) else {}
+    wanted = {k: v for k, v in asdict(ecfg).items() if k not in SETTINGS_IGNORED}
+    weights = weights_hash(run)
+    split = {"kind": "whole_cache"} if ecfg.other_cache else {"kind": "held_out",
+                                                              "eval_fraction": read_run(run).eval_fraction}
+    for group in ecfg.metrics:
+        origin = origins.get(group)
+        if group not in metrics or not isinstance(origin, dict):
+            return f"{group}: not evaluated, or with no provenance"
+        if weights is None or origin.get("weights_hash") != weights:
+            return f"{group}: computed from other weights than the run's current ones"
+        if origin.get("cache_hash") != cache_hash:
+            return f"{group}: computed on another cache"
+        recorded = origin.get("split") if isinstance(origin.get("split"), dict) else {}
+        if any(recorded.get(k) != v for k, v in split.items()):
+            return f"{group}: scored on another split ({recorded}, the study scores {split})"
+        settings = origin.get("settings") if isinstance(origin.get("settings"), dict) else {}
+        differ = [k for k, v in wanted.items() if settings.get(k) != v]
+        if differ:
+            return f"{group}: computed with other settings ({', '.join(differ)})"
+    return None
 
 
-def _evaluate_runs(paths: list[Path], ecfg: EvalConfig, cache_hash: str) -> None:
-    todo = [p for p in paths if not _evaluated(p, ecfg, cache_hash)]
+def _evaluated(run: Path, ecfg: EvalConfig, cache_hash: str) -> bool:
+    return stale_reason(run, ecfg, cache_hash) is None
+
+
+def _evaluate_runs(paths: list[Path], ecfg: EvalConfig, cache_hash: str) -> dict[str, str]:
+    """Evaluate the runs whose eval.json cannot be reused; returns {run: why} for those that had one."""
+    reasons = {p: stale_reason(p, ecfg, cache_hash) for p in paths}
+    todo = [p for p, why in reasons.items() if why is not None]
     if todo:
         evaluate(todo, ecfg)
+    return {p.name: why for p, why in reasons.items() if why not in (None, "no eval.json")}
 
 
 def _compare(cfg: StudyConfig, runs: list[Path], out_html: Path) -> None:
@@ -409,18 +510,20 @@ def _run_study(cfg: StudyConfig, plan: dict, out: Path, d_in: int, cache_hash: s
     state.update(runs=[asdict(s) for s in specs], skipped=skipped)
     _save(out, state)
     ecfg = _eval_config(plan, cfg)
-    stages = [("train", lambda: _train_runs(specs, cfg, runs_dir)),
-              ("eval", lambda: _evaluate_runs([runs_dir / s.name for s in specs], ecfg, cache_hash))]
-    for stage, fn in stages:
-        _stage(out, state, stage, fn)
+    _stage(out, state, "train", lambda: _train_runs(specs, cfg, runs_dir))
+    # Evaluation is checked on every rerun: a run whose eval.json no longer matches its weights, the cache or the
+    # settings (see stale_reason) is evaluated again, and the pages built from it are redone.
+    _eval_stage(out, state, "eval", [runs_dir / s.name for s in specs], ecfg, cache_hash)
     alive = {s.name: _alive(runs_dir / s.name) for s in specs if s.sae["variant"] != BASELINE}
     matched, sm_skipped = size_matched(plan, specs, alive, d_in, cfg.steps)
+    if state.get("size_matched") not in (None, [asdict(s) for s in matched]):  # alive counts moved
+        for stage in ("train_size_matched", "eval_size_matched", "compare"):
+            state["done"].pop(stage, None)
     state.update(size_matched=[asdict(s) for s in matched], size_matched_skipped=sm_skipped, alive=alive)
     _save(out, state)
     if matched:
         _stage(out, state, "train_size_matched", lambda: _train_runs(matched, cfg, runs_dir))
-        _stage(out, state, "eval_size_matched",
-               lambda: _evaluate_runs([runs_dir / s.name for s in matched], ecfg, cache_hash))
+        _eval_stage(out, state, "eval_size_matched", [runs_dir / s.name for s in matched], ecfg, cache_hash)
     every = specs + matched
     if len(every) > 1:
         _stage(out, state, "compare",
@@ -428,6 +531,15 @@ def _run_study(cfg: StudyConfig, plan: dict, out: Path, d_in: int, cache_hash: s
     docs = {s.name: json.loads((runs_dir / s.name / EVAL_JSON).read_text()) for s in every}
     _stage(out, state, "report", lambda: write_report(out, plan, every, docs, state), always=True)
     return state
+
+
+def _eval_stage(out: Path, state: dict, name: str, runs: list[Path], ecfg: EvalConfig, cache_hash: str) -> None:
+    stale: dict[str, str] = {}
+    _stage(out, state, name, lambda: stale.update(_evaluate_runs(runs, ecfg, cache_hash)), always=True)
+    if stale:  # recorded (not reported: the report stays the same bytes on a rerun)
+        state.setdefault("reevaluated", {}).update(stale)
+        state["done"].pop("compare", None)
+        _save(out, state)
 
 
 def _stage(out: Path, state: dict, name: str, fn, always: bool = False) -> None:
@@ -456,34 +568,175 @@ def metric_row(doc: dict) -> dict[str, float | None]:
 
 
 def switch_effects(specs: list[RunSpec], rows: dict[str, dict]) -> list[dict]:
-    """For each switch and each pair of runs that differ only in it: metric deltas, averaged per value change."""
+    """For each switch and each change of its value: the pairs of runs that differ only in it (same seed), and per
+    metric the mean of (metric at 'to' - metric at 'from') over the pairs with its t interval (`paired_effect`).
+    The seed is not a switch: runs of several seeds are replicates, paired within a seed."""
     keys = varying(specs)
     out = []
-    for sw in keys:
-        others = [k for k in keys if k != sw]
-        groups: dict[str, list[RunSpec]] = {}
-        for s in specs:
-            groups.setdefault(json.dumps([s.switches()[k] for k in others]), []).append(s)
-        order = []
-        for s in specs:
-            if s.switches()[sw] not in order:
-                order.append(s.switches()[sw])
-        changes: dict[tuple, list[tuple[str, str]]] = {}
-        for group in groups.values():
-            for a in group:
-                for b in group:
-                    va, vb = a.switches()[sw], b.switches()[sw]
-                    if order.index(va) < order.index(vb):
-                        changes.setdefault((json.dumps(va), json.dumps(vb)), []).append((a.name, b.name))
-        for (va, vb), pairs in changes.items():
-            deltas = {}
-            for metric in rows[pairs[0][0]]:
-                ds = [rows[b][metric] - rows[a][metric] for a, b in pairs
-                      if rows[a].get(metric) is not None and rows[b].get(metric) is not None]
-                deltas[metric] = sum(ds) / len(ds) if ds else None
+    for sw in [k for k in keys if k != "seed"]:
+        for (va, vb), pairs in _changes(specs, sw, [k for k in keys if k != sw]).items():
             out.append({"switch": sw, "from": json.loads(va), "to": json.loads(vb), "pairs": len(pairs),
-                        "deltas": deltas})
+                        **_pair_stats(pairs, rows)})
     return out
+
+
+def _changes(specs: list[RunSpec], sw: str, others: list[str]) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """(from, to) value change of `sw` -> the (run at from, run at to) pairs equal in every other varying switch."""
+    groups: dict[str, list[RunSpec]] = {}
+    for s in specs:
+        groups.setdefault(json.dumps([s.switches()[k] for k in others]), []).append(s)
+    order = list(dict.fromkeys(json.dumps(s.switches()[sw]) for s in specs))
+    changes: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for group in groups.values():
+        for a in group:
+            for b in group:
+                va, vb = json.dumps(a.switches()[sw]), json.dumps(b.switches()[sw])
+                if order.index(va) < order.index(vb):
+                    changes.setdefault((va, vb), []).append((a.name, b.name))
+    return changes
+
+
+def _pair_stats(pairs: list[tuple[str, str]], rows: dict[str, dict]) -> dict:
+    cols = _columns({name: rows[name] for pair in pairs for name in pair})
+    effects = {c: paired_effect([rows[b][c] - rows[a][c] for a, b in pairs
+                                 if rows[a].get(c) is not None and rows[b].get(c) is not None]) for c in cols}
+    return {"deltas": {c: e["mean"] for c, e in effects.items()}, "effects": effects}
+
+
+def paired_effect(diffs: list[float], level: float = LEVEL) -> dict:
+    """Mean of per-pair differences with a t interval over the pairs (mean +- t_{n-1} * sd / sqrt(n)): each pair
+    (another seed, or another setting of the other switches) is one draw of the effect, so the interval covers the
+    effect averaged over the grid, seed noise and its variation with the other switches included. One pair has no
+    spread to estimate: no interval. `significant`: the interval excludes 0 (None without an interval)."""
+    n = len(diffs)
+    if n == 0:
+        return {"mean": None, "interval": None, "n": 0, "significant": None}
+    mean = float(np.mean(diffs))
+    if n == 1:
+        return {"mean": mean, "interval": None, "n": 1, "significant": None}
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + level / 2, n - 1) * np.std(diffs, ddof=1) / math.sqrt(n))
+    lo, hi = mean - half, mean + half
+    return {"mean": mean, "interval": [lo, hi], "n": n, "significant": not lo <= 0.0 <= hi}
+
+
+def matched_effect(specs: list[RunSpec], rows: dict[str, dict]) -> dict | None:
+    """Size-matched TopK minus its source run, over every (source, size-matched TopK) pair, as `switch_effects`."""
+    pairs = [(s.matched_to, s.name) for s in specs if s.matched_to]
+    if not pairs:
+        return None
+    return {"switch": "at the source's alive size", "from": "source run", "to": "size-matched TopK",
+            "pairs": len(pairs), **_pair_stats(pairs, rows)}
+
+
+def _fmt_effect(e: dict | None) -> str:
+    if e is None or e["mean"] is None:
+        return "-"
+    if e["interval"] is None:
+        return f"{e['mean']:+.4g} (one pair)"
+    lo, hi = e["interval"]
+    return f"{e['mean']:+.4g} [{lo:+.3g}, {hi:+.3g}]" + (" *" if e["significant"] else "")
+
+
+def significance_line(effect: dict, cols: list[str]) -> str:
+    """One effect in words: which metrics' differences are significant (95% interval excludes 0) and which not."""
+    label = f"{effect['switch']} {_fmt(effect['from'])} -> {_fmt(effect['to'])} ({effect['pairs']} pairs)"
+    if effect["pairs"] == 1:
+        return f"{effect['switch']} {_fmt(effect['from'])} -> {_fmt(effect['to'])}: no interval (one pair)."
+    effs = {c: effect["effects"][c] for c in cols if c in effect["effects"] and effect["effects"][c]["n"]}
+    sig = [f"{c} {_fmt_effect(e).removesuffix(' *')}" for c, e in effs.items() if e["significant"]]
+    insig = [c for c, e in effs.items() if e["significant"] is False]
+    single = [c for c, e in effs.items() if e["interval"] is None]
+    parts = [f"significant (interval excludes 0): {'; '.join(sig)}" if sig else "no significant difference"]
+    parts += [f"not significant (interval includes 0): {', '.join(insig)}"] if insig else []
+    parts += [f"no interval (one pair): {', '.join(single)}"] if single else []
+    return f"{label}: " + "; ".join(parts) + "."
+
+
+def alive_latents(spec: RunSpec, doc: dict) -> int | None:
+    """Latents that fired on the held-out rows: (1 - the density group's dead_fraction) * d_sae."""
+    dens = doc.get("metrics", {}).get("density")
+    dead = dens.get("dead_fraction") if isinstance(dens, dict) else None
+    return None if dead is None else round((1 - dead) * spec.sae["d_sae"])
+
+
+def n_fractions(spec: RunSpec, doc: dict) -> dict[int, float | None]:
+    """SCR/TPP's N as a fraction of the run's alive latents, at every N it measured (None: no alive count)."""
+    ns = sorted({n for g in ("scr", "tpp") for n in (doc.get("metrics", {}).get(g) or {}).get("n_values", [])})
+    alive = alive_latents(spec, doc)
+    return {n: n / alive if alive else None for n in ns}
+
+
+def _n_table(specs: list[RunSpec], docs: dict[str, dict]) -> list:
+    fractions = {s.name: n_fractions(s, docs[s.name]) for s in specs}
+    ns = sorted({n for f in fractions.values() for n in f})
+    if not ns:
+        return []
+    rows = [[s.name, str(s.sae["d_sae"]), _fmt(alive_latents(s, docs[s.name])),
+             *["-" if fractions[s.name].get(n) is None else f"{fractions[s.name][n]:.2%}" for n in ns]]
+            for s in specs]
+    return [("h2", "SCR / TPP: N as a fraction of each run's alive latents"),
+            ("p", "SCR and TPP ablate the top N latents; N / alive latents (alive = (1 - dead fraction) x d_sae on "
+                  "the held-out rows) says how large a share of the dictionary that is, e.g. for a vSAE with few "
+                  "alive latents or its size-matched TopK."),
+            ("table", (["run", "d_sae", "alive latents", *[f"N={n}" for n in ns]], rows))]
+
+
+def null_columns(docs: dict[str, dict]) -> list[tuple[str, str, Headline, int]]:
+    """(column, group, headline, N) of the numbers the report compares with the random-SAE nulls: the CE score
+    and SCR / TPP at every N some run measured."""
+    out = []
+    for group in ("core", "scr", "tpp"):
+        results = [d["metrics"][group] for d in docs.values() if isinstance(d["metrics"].get(group), dict)]
+        if not results:
+            continue
+        ns = [0] if group == "core" else sorted({n for r in results for n in r.get("n_values", [])})
+        for h in METRIC_GROUPS[group].headlines:
+            if group != "core" or h.key == "ce_score":
+                out += [(h.title(n), group, h, n) for n in ns]
+    return out
+
+
+def null_separation(doc: dict, columns: list[tuple[str, str, Headline, int]]) -> dict[str, dict | None]:
+    """Column -> the run's comparison with its random-SAE nulls (eval.json `null`), None where not measured."""
+    return {col: h.null(doc["metrics"][g], n) if isinstance(doc["metrics"].get(g), dict) else None
+            for col, g, h, n in columns}
+
+
+def separation_line(column: str, entries: list[dict | None]) -> str | None:
+    """Whether `column` separates trained from random SAEs across the runs, in words (None: never assessed)."""
+    verdicts = [v for v in (separated(e) for e in entries) if v is not None]
+    if not verdicts:
+        return None
+    apart, n = sum(verdicts), len(verdicts)
+    if n - apart > n / 2:
+        return (f"{column} does not separate trained from random SAEs for {n - apart} of {n} runs (trained minus "
+                f"null: the 95% interval includes 0); its differences between those runs are not evidence of what "
+                f"training learned.")
+    return f"{column} separates trained from random SAEs for {apart} of {n} runs."
+
+
+def _null_sections(specs: list[RunSpec], docs: dict[str, dict]) -> list:
+    columns = null_columns(docs)
+    if not columns:
+        return []
+    table = {s.name: null_separation(docs[s.name], columns) for s in specs}
+    lines = [line for col, *_ in columns if (line := separation_line(col, [t[col] for t in table.values()]))]
+    rows = [[name, *[_fmt_separation(t[col]) for col, *_ in columns]] for name, t in table.items()]
+    return [("h2", "Trained against random SAEs of the same shape"),
+            ("p", "yes: the run's score differs from its random-SAE nulls' (same d_sae and k, several seeds; the "
+                  "eval's paired bootstrap gives a 95% interval of trained - null mean that excludes 0); no: it "
+                  "does not; -: not measured. The number is trained - null mean."),
+            ("table", (["run", *[col for col, *_ in columns]], rows)),
+            ("list", lines or ["no random-SAE nulls in these eval results (eval null_seeds = 0): not assessed"])]
+
+
+def _fmt_separation(entry: dict | None) -> str:
+    verdict = separated(entry)
+    if verdict is None:
+        return "-"
+    return f"{'yes' if verdict else 'no'} ({entry['difference']:+.3g})"
 
 
 def _fmt(v) -> str:
@@ -508,42 +761,67 @@ def write_report(out: Path, plan: dict, specs: list[RunSpec], docs: dict[str, di
     rows = {s.name: metric_row(docs[s.name]) for s in specs}
     cols = _columns(rows)
     switches = varying(specs) or ["variant"]
-    # Size-matched runs differ from the grid in d_sae alone; their own table compares them, pairs here would be noise.
-    effects = switch_effects([s for s in specs if s.matched_to is None], rows)
     figures = _figures(out, specs, rows, cols)
     title = f"Study {plan.get('name', Path(out).name)}"
     head = ["run", *switches, *cols]
     table = [[s.name, *[_fmt(s.switches()[k]) for k in switches], *[_fmt(rows[s.name].get(c)) for c in cols]]
              for s in specs]
-    eff_head = ["switch", "from", "to", "pairs", *[f"Δ {c}" for c in cols]]
-    eff_rows = [[e["switch"], _fmt(e["from"]), _fmt(e["to"]), str(e["pairs"]), *[_fmt(e["deltas"].get(c))
-                                                                                  for c in cols]] for e in effects]
-    matched = [(s.matched_to, s.name) for s in specs if s.matched_to]
-    sm_head = ["vSAE", "alive latents", "size-matched TopK", *[f"Δ {c} (TopK - vSAE)" for c in cols]]
-    sm_rows = [[a, str(state.get("alive", {}).get(a, "-")), b,
-                *[_fmt(None if rows[a].get(c) is None or rows[b].get(c) is None else rows[b][c] - rows[a][c])
-                  for c in cols]] for a, b in matched]
     first = next(iter(docs.values()))
     tokens_line = "Measured: " + "; ".join(measured_on(first["metrics"], first["settings"])) + \
         " (the same for every run)."
+    seeds = sorted({s.train["seed"] for s in specs})
+    seeds_line = (f"Every run spec is trained with each of the seeds {', '.join(map(str, seeds))} (plan field "
+                  f"`seeds`); run names carry the seed." if len(seeds) > 1 else
+                  f"One training seed ({seeds[0]}): effects have an interval only where several pairs of runs "
+                  f"differ in the same switch (plan field `seeds` adds replicates).")
     skipped = state.get("skipped", []) + state.get("size_matched_skipped", [])
-    sections = [
-        ("p", plan.get("description", "")),
-        ("p", tokens_line),
-        ("h2", "Runs (paper-style table)"), ("table", (head, table)),
-        ("h2", "Effect of each switch, the others held fixed"),
-        ("p", "Mean over every pair of runs that differ only in this switch of (metric at 'to' - metric at 'from')."),
-        ("table", (eff_head, eff_rows)),
-    ]
-    if matched:
-        sections += [("h2", "Size-matched TopK (d_sae = the vSAE's alive latents, same k)"),
-                     ("table", (sm_head, sm_rows))]
+    sections = [("p", plan.get("description", "")), ("p", tokens_line), ("p", seeds_line),
+                ("h2", "Runs (paper-style table)"), ("table", (head, table))]
+    sections += _n_table(specs, docs) + _null_sections(specs, docs)
+    # Size-matched runs differ from the grid in d_sae alone; their own section compares them.
+    sections += _effect_sections(switch_effects([s for s in specs if s.matched_to is None], rows), cols)
+    sections += _matched_sections(specs, rows, cols, state)
     sections += [("h2", "Figures against k"), ("links", [(f"figures/{c}.html", c) for c in figures])]
     if (out / "compare.html").exists():
         sections += [("h2", "Compare page"), ("links", [("compare.html", "all runs side by side")])]
     sections += [("h2", f"Skipped combinations ({len(skipped)})"), ("list", skipped or ["none"])]
     write_text_atomic(out / "report.md", _markdown(title, sections))
     write_text_atomic(out / "report.html", _html(title, sections))
+
+
+EFFECT_METHOD = ("Δ: the mean over the pairs of runs that differ only in this switch (same seed) of (metric at 'to' "
+                 "- metric at 'from'), with a 95% t interval over the pairs (mean +- t(n-1) x sd / sqrt(n), n "
+                 "pairs): each pair is one draw of the effect, so the interval covers its mean over the grid, seed "
+                 "noise and its variation with the other switches included. * marks an interval that excludes 0 "
+                 "(significant); one pair gives no interval.")
+
+
+def _effect_sections(effects: list[dict], cols: list[str]) -> list:
+    head = ["switch", "from", "to", "pairs", *[f"Δ {c}" for c in cols]]
+    rows = [[e["switch"], _fmt(e["from"]), _fmt(e["to"]), str(e["pairs"]),
+             *[_fmt_effect(e["effects"].get(c)) for c in cols]] for e in effects]
+    return [("h2", "Effect of each switch, the others held fixed"), ("p", EFFECT_METHOD), ("table", (head, rows)),
+            ("p", "In words:"), ("list", [significance_line(e, cols) for e in effects] or ["no switch varies"])]
+
+
+def _matched_sections(specs: list[RunSpec], rows: dict[str, dict], cols: list[str], state: dict) -> list:
+    by_name = {s.name: s for s in specs}
+    matched = [s for s in specs if s.matched_to]
+    if not matched:
+        return []
+    head = ["source run", "alive latents", "size-matched TopK", "also differs in",
+            *[f"Δ {c} (TopK - source)" for c in cols]]
+    table = [[s.matched_to, str(state.get("alive", {}).get(s.matched_to, "-")), s.name,
+              ", ".join(recipe_differences(s, by_name[s.matched_to])) or "nothing (variant and size only)",
+              *[_fmt(None if rows[s.matched_to].get(c) is None or rows[s.name].get(c) is None
+                     else rows[s.name][c] - rows[s.matched_to][c]) for c in cols]] for s in matched]
+    effect = matched_effect(specs, rows)
+    summary = [["all pairs", str(effect["pairs"]), *[_fmt_effect(effect["effects"].get(c)) for c in cols]]]
+    return [("h2", "Size-matched TopK (d_sae = the source run's alive latents, same k, otherwise its recipe)"),
+            ("table", (head, table)),
+            ("p", "Mean over the pairs, with a 95% t interval over the pairs (as above):"),
+            ("table", (["size-matched TopK - source", "pairs", *[f"Δ {c}" for c in cols]], summary)),
+            ("list", [significance_line(effect, cols)])]
 
 
 def _figures(out: Path, specs: list[RunSpec], rows: dict[str, dict], cols: list[str]) -> list[str]:
