@@ -48,7 +48,8 @@ def attach_bootstrap(boot: Bootstrap, result: dict, nulls: list[dict], seed: int
     intervals = result.setdefault("intervals", {})
     for key, values in reps.items():
         intervals[key] = percentile_interval(values)
-    paired = [n for n in nulls if boot.units(n) == sizes]
+    # A null is paired on the unit sets it shares with the run (same count); its replicates cover those keys only.
+    paired = [n for n in nulls if boot.units(n) and all(sizes.get(k) == v for k, v in boot.units(n).items())]
     if not paired:
         if nulls:
             result["null_note"] = "the nulls were scored on other units (texts, contexts) than this run: not compared"

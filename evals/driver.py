@@ -238,9 +238,14 @@ def _read_saes(runs: list[Path], cfg: EvalConfig, d_in: int) -> dict[Path, SAEWe
     return saes
 
 
+NULL_STREAM_ROWS = 16_384
+
+
 def _stream_pass(ctx: EvalContext, keep: int) -> None:
     """One pass over the held-out rows: every SAE sees each batch once; special-token rows are dropped (as SAELens
-    does), and the first `keep` rows' codes are kept dense for the groups that read a sample."""
+    does), and the first `keep` rows' codes are kept dense for the groups that read a sample. The random-SAE nulls
+    see only the first max(keep, NULL_STREAM_ROWS) rows: their sample and density are all the null-aware groups
+    read, so the nulls do not multiply the cost of the pass."""
     cfg = ctx.cfg
     loader = ActivationLoader(cfg.cache, cfg.batch_size, shuffle=False, with_tokens=True, **ctx.split.loader_args)
     special = special_ids(loader.manifest)
@@ -256,6 +261,8 @@ def _stream_pass(ctx: EvalContext, keep: int) -> None:
     for x, toks in loader:
         x = x[~special_mask(toks[:, 0], special)][: n_rows - seen].to(cfg.device)
         for key, sae in subjects.items():
+            if key not in ctx.saes and seen >= max(keep, NULL_STREAM_ROWS):
+                continue
             code = sae.encode_topk(x)
             core[key].update(x, sae.decode_topk(code), code.vals)  # L0 from the k values: no dense code needed
             fire[key].update_code(code)

@@ -120,7 +120,9 @@ class MetricGroup:
 
 def _core(ctx: EvalContext) -> dict[Path | str, dict]:
     subjects = ctx.subjects()
-    out = {key: {**ctx.stream[key].core, UNITS: {"blocks": ctx.stream[key].blocks}} for key in subjects}
+    # A null's reconstruction numbers come from its shorter pass (evals/driver.py): reported, not paired.
+    out = {key: {**ctx.stream[key].core, UNITS: {"blocks": ctx.stream[key].blocks if key in ctx.saes else None}}
+           for key in subjects}
     if ctx.synthetic:
         for result in out.values():
             result["ce_score"] = None
@@ -178,8 +180,7 @@ def _density(ctx: EvalContext) -> dict[Path, dict]:
         result["training"] = ctx.training_dead(run)
         n = int(dens["n_tokens"])
         if n > 0:
-            result["intervals"] = {"dead_fraction": dead_fraction_interval(dens["counts"].cpu().numpy(), n,
-                                                                           seed=ctx.cfg.seed)}
+            result["intervals"] = {"dead_fraction": dead_fraction_interval(dens["counts"].cpu().numpy(), n)}
             result["dead_below_density"] = detectable_density(n)
         ctx.density_figure(run, dens)
         out[run] = result
@@ -260,13 +261,39 @@ def _probe_group(task: str) -> Callable[[EvalContext], dict[Path | str, dict]]:
     return compute
 
 
+MIN_SCR_GAP = 0.05  # METRICS.md section 6: A_oracle - A_base must leave room for SCR to measure anything
+
+
+def scr_gap(result: dict) -> float | None:
+    """A_oracle - A_base in the direction the SCR score reads (None when the biased probe did not lean either way)."""
+    acc = result.get("accuracy") or {}
+    if acc.get("base_target") is None or acc["base_target"] == acc.get("base_spurious"):
+        return None
+    which = "target" if acc["base_target"] < acc["base_spurious"] else "spurious"
+    return float(acc[f"oracle_{which}"] - acc[f"base_{which}"])
+
+
+def _counted(task: str, result: dict) -> bool:
+    """Does a set count in the headline mean? An SCR pair whose clean probes leave A_oracle - A_base below
+    MIN_SCR_GAP divides noise by almost nothing; it is reported but not averaged (decided from clean probe
+    accuracies, never from SAE scores)."""
+    if task != "scr":
+        return True
+    gap = scr_gap(result)
+    return gap is not None and gap >= MIN_SCR_GAP
+
+
 def _over_sets(task: str, sets: dict[str, dict]) -> dict:
-    """One SCR/TPP result from per-set results: each metric's mean over the sets that have it."""
-    keys = {k for r in sets.values() for k in r["metrics"]}
-    metrics = {k: _mean_of([r["metrics"].get(k) for r in sets.values()]) for k in sorted(keys)}
+    """One SCR/TPP result from per-set results: each metric's mean over the sets that count (`_counted`)."""
+    for r in sets.values():
+        r["counted"] = _counted(task, r)
+    counted = [r for r in sets.values() if r["counted"]]
+    keys = {k for r in counted for k in r["metrics"]}
+    metrics = {k: _mean_of([r["metrics"].get(k) for r in counted]) for k in sorted(keys)}
     n_values = sorted({n for r in sets.values() for n in r["n_values"]})
     mean_key = "scr_metric_mean" if task == "scr" else "tpp_total_metric_mean"
-    return {"metrics": metrics, "n_values": n_values, "n_sets": len(sets), "set_names": list(sets),
+    return {"metrics": metrics, "n_values": n_values, "n_sets": len(counted), "set_names": list(sets),
+            "sets_not_counted": [name for name, r in sets.items() if not r["counted"]] or None,
             mean_key: _mean_of([metrics.get(PROBE_KEYS[task].format(n=n)) for n in n_values]), "sets": sets}
 
 
@@ -282,12 +309,12 @@ def _probe_bootstrap(task: str) -> Bootstrap:
 
     def units(result: dict) -> dict[str, int]:
         return {name: int(r["n_texts"]["test"]) for name, r in (result.get("sets") or {}).items()
-                if r.get(UNITS) is not None}
+                if r.get(UNITS) is not None and r.get("counted", True)}
 
     def replicate(result: dict, weights: dict | None) -> dict[str, Any]:
         by_n: dict[int, list] = {}
         for name, r in result["sets"].items():
-            if r.get(UNITS) is not None:
+            if r.get(UNITS) is not None and r.get("counted", True):
                 for n, v in replicate_one(r, None if weights is None else weights[name]).items():
                     by_n.setdefault(int(n), []).append(v)
         return {PROBE_KEYS[task].format(n=n): np.mean(vs, axis=0) for n, vs in by_n.items()}
@@ -394,7 +421,9 @@ CORE_DEFINITIONS = {
 def _probe_metric_group(task: str, label: str, what: str, key: str) -> MetricGroup:
     """SCR or TPP: the same shape of entry, scored at each N under `key` (with `{n}`) in the result's metrics."""
     return MetricGroup(
-        task, _probe_group(task), {task: f"{what}, probes selected on a validation split"},
+        task, _probe_group(task), {task: f"{what}, probes selected on a validation split; the headline scores are "
+                                         f"means over the labelled sets (SCR: over the pairs whose A_oracle - "
+                                         f"A_base >= {MIN_SCR_GAP}; the others are reported, not averaged)"},
         frozenset({"model"}), compare_rows=_probe_rows, paper=_probe_columns(task, key.replace("{n}", "{}")),
         measured=lambda r, s: _on((label, s.get("labelled_test"), "labelled test texts per set"),
                                   ("sets averaged", r.get("n_sets"), "labelled sets")),

@@ -98,17 +98,20 @@ def null_comparison(trained: float, trained_boot: np.ndarray, nulls: Sequence[fl
     }
 
 
-def dead_fraction_interval(counts: np.ndarray, n_tokens: int, n_boot: int = N_BOOT, seed: int = 0,
-                           level: float = LEVEL) -> list[float]:
-    """Bootstrap over tokens of the fraction of latents that never fire: in a resample of the N tokens a latent
-    that fired c times fires c* ~ Binomial(N, c / N) times (latents treated as independent), so it looks dead with
-    probability (1 - c/N)^N; a latent that never fired stays dead."""
+def dead_fraction_interval(counts: np.ndarray, n_tokens: int, level: float = LEVEL) -> list[float]:
+    """Interval of the fraction of latents that never fire, binomial over tokens: in another sample of the N tokens
+    a latent that fired c times would look dead with probability q = (1 - c/N)^N (a latent that never fired stays
+    dead), so the dead count varies with variance sum q (1 - q) (latents treated as independent). Normal interval
+    about the observed fraction, clipped to [0, 1]. (A percentile bootstrap would not contain the observed value:
+    resampling can only add dead latents.)"""
     counts = np.asarray(counts, dtype=np.float64)
     if n_tokens <= 0:
         raise ValueError("a dead fraction needs at least one token")
-    p_dead = np.power(1.0 - counts / n_tokens, n_tokens)
-    draws = np.random.default_rng(seed).random((n_boot, counts.size)) < p_dead
-    return percentile_interval(draws.mean(axis=1), level)
+    q = np.power(1.0 - counts / n_tokens, n_tokens)
+    observed = float((counts == 0).mean())
+    se = float(np.sqrt((q * (1 - q)).sum())) / counts.size
+    lo, hi = normal_interval(observed, se, level)
+    return [max(0.0, lo), min(1.0, hi)]
 
 
 def detectable_density(n_tokens: int, level: float = LEVEL) -> float:

@@ -74,10 +74,16 @@ def test_paired_null_comparison_cancels_shared_noise():
 
 def test_dead_fraction_interval():
     assert dead_fraction_interval(np.zeros(10), 1000) == [1.0, 1.0]
-    assert dead_fraction_interval(np.full(10, 500), 1000) == [0.0, 0.0]
-    # 1000 latents that fired once: each looks dead in a resample with probability (1 - 1/N)^N ~ 1/e
-    lo, hi = dead_fraction_interval(np.ones(1000), 10_000, seed=0)
-    assert lo < 1 / math.e < hi and hi - lo < 0.07
+    assert dead_fraction_interval(np.full(10, 500), 1000) == pytest.approx([0.0, 0.0], abs=1e-12)
+    # 1000 latents that fired once: none is dead, but each would look dead in another sample with probability
+    # (1 - 1/N)^N ~ 1/e, so the dead fraction's SE is sqrt(q (1 - q) / 1000)
+    q = (1 - 1 / 10_000) ** 10_000
+    assert dead_fraction_interval(np.ones(1000), 10_000) == pytest.approx([0.0, 1.96 * math.sqrt(q * (1 - q) / 1000)],
+                                                                          rel=1e-3)
+    # the observed fraction is always inside its interval
+    counts = np.array([0] * 10 + [1] * 50 + [100] * 40)
+    lo, hi = dead_fraction_interval(counts, 5000)
+    assert lo <= 0.10 <= hi and lo > 0
     assert detectable_density(1000) == pytest.approx(-math.log(0.05) / 1000)
 
 
@@ -195,7 +201,7 @@ def test_core_reports_intervals_the_random_sae_null_and_mean_ablation(trust):
     assert core["ce_mean_ablation"] > core["ce_clean"] and "ce_score_vs_mean_ablation" in core
     null = core["null"]["ce_score"]
     assert len(null["null_values"]) == 3 and null["trained"] == core["ce_score"]
-    assert core["null"]["explained_variance"]["null_mean"] < core["explained_variance"]
+    assert "explained_variance" not in core["null"]  # the nulls' pass is shorter: reported there, not paired
     assert "_units" not in json.dumps(doc)
     density = doc["metrics"]["density"]
     lo, hi = density["intervals"]["dead_fraction"]
@@ -236,3 +242,15 @@ def test_a_random_sae_is_not_separated_from_the_null_on_scr_and_tpp(trust, tmp_p
             assert cmp["difference"] == pytest.approx(cmp["trained"] - np.mean(cmp["null_values"]))
             assert cmp["trained"] == pytest.approx(m[group]["metrics"][key.format(n=n)])
     assert list((root / "cache" / ".vsae-labelled").glob("*.safetensors"))  # the texts' activations are stored
+
+
+def test_an_scr_pair_without_room_between_base_and_oracle_is_reported_not_averaged():
+    from evals.registry import _over_sets
+
+    def pair(base_t, base_s, oracle_t, score):
+        return {"accuracy": {"base_target": base_t, "base_spurious": base_s, "oracle_target": oracle_t,
+                             "oracle_spurious": 0.9}, "metrics": {"scr_metric_threshold_10": score}, "n_values": [10]}
+
+    out = _over_sets("scr", {"good": pair(0.6, 0.9, 0.9, 0.4), "flat": pair(0.52, 0.9, 0.56, 3.0)})
+    assert out["metrics"]["scr_metric_threshold_10"] == 0.4 and out["n_sets"] == 1
+    assert out["sets_not_counted"] == ["flat"] and out["sets"]["flat"]["counted"] is False
