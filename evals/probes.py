@@ -14,6 +14,13 @@ averaged over the positions whose token is not BOS, EOS or PAD. Deliberate diffe
 
 Only real tokens are kept (`TokenActivations`: a flat [tokens, d] tensor plus per-text offsets), so activations
 are computed once per (model, hook, set) and reused for every SAE, as SAEBench caches them.
+
+`cached_token_activations` keeps them on disk too (one safetensors file per key, texts and settings), so ten runs
+or a study pay the forward passes once. Stored as computed, float32: float16 would halve the files (the offline
+sets' five files hold 2.6M tokens, 1.3 GB at d_model 128) but moved clean probe accuracies by up to 0.003 on the
+offline sets (measured on the embedded model), and hits must give exactly what a fresh computation gives.
+Loading a 350 MB file and checking it against the texts takes about 3 s, against 90-180 s of forward pass on
+the shared 2-core CPU.
 """
 
 from __future__ import annotations
@@ -267,7 +274,7 @@ def _numpy(X: Tensor | np.ndarray) -> np.ndarray:
 
 STORE_FORMAT = "vsae-labelled-activations"
 STORE_VERSION = 1
-STORE_DTYPE = torch.float32  # the computed dtype (float16 was measured to move probe accuracies; module doc)
+STORE_DTYPE = torch.float32  # the computed dtype; float16 moved probe accuracies (module docstring)
 # token_activations arguments that change its result; the others (batch_size, device, progress) do not.
 RESULT_KWARGS = ("context", "prepend_bos", "dtype")
 _warned_stores: set[str] = set()
