@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from activations.loader import split_sequences
+from vsae.checkpoint import WEIGHTS_FILENAME
 from vsae.run import RunDir
 
-WEIGHTS_FILES = ("sae_weights.safetensors",)
+WEIGHTS_FILES = (WEIGHTS_FILENAME,)
 
 
 class ProvenanceError(RuntimeError):

@@ -75,4 +75,6 @@ def test_scr_and_tpp_through_the_driver(trained):
         # d_sae 64: SAEBench's N values up to 50 apply, 100 and 500 do not
         assert "scr_metric_threshold_50" in m["scr"]["metrics"] and m["scr"]["n_values"] == [2, 5, 10, 20, 50]
         assert "tpp_threshold_50_total_metric" in m["tpp"]["metrics"]
-        assert m["scr"]["set_names"] and m["tpp"]["set_names"] and m["scr"]["n_sets"] >= 2
+        assert m["tpp"]["n_sets"] == len(m["tpp"]["set_names"]) >= 2  # every TPP set counts
+        # SCR pairs without room between A_base and A_oracle are listed, not averaged
+        assert m["scr"]["n_sets"] + len(m["scr"]["sets_not_counted"] or []) == len(m["scr"]["set_names"]) >= 2
