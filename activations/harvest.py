@@ -47,6 +47,7 @@ from activations.prefetch import background
 from activations.tokens import pack_contexts
 
 DTYPES = ("float16", "float32")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -64,6 +65,9 @@ class HarvestConfig:
         "help": "number of activation rows to cache (rounded up to whole contexts)"})
     context: int = field(default=128, metadata={"help": "tokens per context window, BOS included"})
     dtype: str = field(default="float16", metadata={"help": "storage dtype of the activations"})
+    model_dtype: str = field(default="float32", metadata={
+        "help": "dtype the model computes in: float32, or bfloat16 / float16 (about twice as fast on a GPU; "
+                "activations then differ from float32 ones by the dtype's rounding)"})
     batch_size: int = field(default=32, metadata={"help": "contexts per forward pass"})
     device: str = field(default="auto", metadata={
         "help": "torch device (cpu, cuda, cuda:1, ...); auto: CUDA when this machine has it, else CPU"})
@@ -135,7 +139,7 @@ def _harvest(cfg: HarvestConfig, out: Path) -> HarvestSummary:
     _prepare_out_dir(out, cfg.overwrite)
 
     source = ModelSource(cfg.model, cfg.model_path)
-    model = load_model(source, device=cfg.device)
+    model = load_model(source, device=cfg.device, dtype=cfg.model_dtype)
     hook = cfg.hook or default_hook(model)
     check_hook(model, hook)
     layer = stop_layer(model, hook)
@@ -173,6 +177,7 @@ def _settings(cfg: HarvestConfig, source: ModelSource, hook: str, layout: _Layou
         "tokens": cfg.tokens,
         "context": cfg.context,
         "dtype": cfg.dtype,
+        **({"model_dtype": cfg.model_dtype} if cfg.model_dtype != "float32" else {}),  # older caches lack it
         "bos_dropped": not cfg.keep_bos,
         "shard_sequences": layout.shard_seqs,
     }
@@ -213,14 +218,17 @@ def _build_shards(model, hook: str, layer: int | None, d_in: int, cfg: HarvestCo
         total=layout.n_seqs * layout.rows_per_seq, initial=sum(e["n_tokens"] for e in manifest["shards"]),
         unit="tok", unit_scale=True, desc=f"harvest {hook}", disable=not cfg.progress, smoothing=0.1,
     )
-    writer = ThreadPoolExecutor(max_workers=1)  # checksums and fsyncs overlap the forward
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vsae-commit")  # checksums, fsyncs
+    copies = HostCopies(torch.device(cfg.device), cfg.batch_size * layout.rows_per_seq, d_in,
+                        getattr(torch, cfg.dtype))
     pending: Future | None = None
     grab = _Grab()
     built_tokens = 0
     try:
         with torch.no_grad(), model.hooks(fwd_hooks=[(hook, grab)]):
             for index, first, seqs in _shard_contexts(contexts, cfg, layout, todo):
-                shard = _run_shard(model, grab, layer, cfg, out, index, first, seqs, d_in, bar)
+                shard = _run_shard(model, grab, layer, cfg, out, index, first, seqs, d_in, bar, copies)
+                copies.drain()  # every row of the shard is in its memmap before it is committed
                 if pending is not None:
                     pending.result()
                 pending = writer.submit(_commit_shard, shard, manifest, out)
@@ -230,6 +238,7 @@ def _build_shards(model, hook: str, layer: int | None, d_in: int, cfg: HarvestCo
     except OSError as e:
         raise CacheError(f"cannot write the cache in {out}: {e}; free space or choose another --out") from e
     finally:
+        copies.close()
         writer.shutdown(wait=True)
         bar.close()
     return built_tokens, stats
@@ -267,21 +276,74 @@ class _Grab:
         self.value = act
 
 
-def _run_shard(model, grab, layer, cfg, out, index, first, seqs, d_in, bar) -> ShardWriter:
-    """Forward one shard's sequences batch by batch into a `ShardWriter`'s memmaps."""
+class HostCopies:
+    """Moves each batch's activations from the model's device into a shard's memmap, off the forward's path.
+
+    A batch is cast to the storage dtype on the device and copied into one of `n_buffers` reused host buffers:
+    on CUDA a pinned buffer, filled by a non-blocking copy on a copy stream that waits only for that batch's
+    forward. A writer thread waits for the copy (its event) and moves the rows into the memmap while the next
+    forward runs. A buffer is refilled once the writer has emptied it: with two, the copy and write of batch i
+    overlap the forward of batch i + 1. On the CPU the same path runs with plain buffers and no stream.
+    """
+
+    def __init__(self, device: torch.device, max_rows: int, d_in: int, dtype: torch.dtype, n_buffers: int = 2):
+        self.cuda = device.type == "cuda"
+        self.buffers = [torch.empty((max_rows, d_in), dtype=dtype, pin_memory=self.cuda) for _ in range(n_buffers)]
+        self.busy: list[Future | None] = [None] * n_buffers
+        self.turn = 0
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vsae-rows")
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def put(self, act: torch.Tensor, dest: np.ndarray) -> None:
+        """Queue act [n, d_in] (on the model's device) to be written into dest [n, d_in] (a memmap slice)."""
+        i, self.turn = self.turn, (self.turn + 1) % len(self.buffers)
+        if self.busy[i] is not None:
+            self.busy[i].result()  # emptied (and a failed write raises here)
+        host = self.buffers[i][: act.shape[0]]
+        act = act.to(host.dtype)  # cast where the activations are: half the bytes to copy
+        done = None
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(act.device))
+            with torch.cuda.stream(self.stream):
+                host.copy_(act, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            act.record_stream(self.stream)  # not reused by the next forward before the copy has read it
+        else:
+            host.copy_(act)
+        self.busy[i] = self.writer.submit(_write_rows, host, dest, done)
+
+    def drain(self) -> None:
+        """Wait until every queued batch is in its memmap."""
+        for i, f in enumerate(self.busy):
+            if f is not None:
+                f.result()
+                self.busy[i] = None
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
+
+
+def _write_rows(host: torch.Tensor, dest: np.ndarray, done) -> None:
+    if done is not None:
+        done.synchronize()
+    dest[...] = host.numpy()
+
+
+def _run_shard(model, grab, layer, cfg, out, index, first, seqs, d_in, bar, copies: HostCopies) -> ShardWriter:
+    """Forward one shard's sequences batch by batch; `copies` moves the activations into its memmaps."""
     ctx = cfg.context
     start = 0 if cfg.keep_bos else 1
     rows = ctx - start
     shard = ShardWriter(out, index, len(seqs) * rows, d_in, cfg.dtype)
     tokens = torch.from_numpy(np.stack(seqs))
     positions = np.arange(start, ctx, dtype=np.int32)
-    np_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    pin = copies.cuda  # a pageable host-to-device copy would wait for the GPU to drain
     for b in range(0, len(seqs), cfg.batch_size):
         batch = tokens[b : b + cfg.batch_size]
-        model(batch.to(cfg.device), stop_at_layer=layer)
-        act = grab.value[:, start:].reshape(len(batch), rows, -1)
+        model((batch.pin_memory() if pin else batch).to(cfg.device, non_blocking=pin), stop_at_layer=layer)
         lo, hi = b * rows, (b + len(batch)) * rows
-        shard.acts[lo:hi] = act.to(np_dtype).reshape(-1, d_in).cpu().numpy()
+        copies.put(grab.value[:, start:].reshape(-1, d_in), shard.acts[lo:hi])
         tok_rows = shard.tokens[lo:hi].reshape(len(batch), rows, len(TOKEN_COLUMNS))
         tok_rows[:, :, 0] = batch[:, start:].numpy()
         tok_rows[:, :, 1] = (first + b + np.arange(len(batch), dtype=np.int32))[:, None]
@@ -303,6 +365,8 @@ def _check_config(cfg: HarvestConfig) -> None:
         raise ValueError(f"--tokens must be a positive number of tokens, got {cfg.tokens}")
     if cfg.context < 2:
         raise ValueError(f"--context must be at least 2 tokens, got {cfg.context}")
+    if cfg.model_dtype not in MODEL_DTYPES:
+        raise ValueError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, got {cfg.model_dtype!r}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.batch_size <= 0:

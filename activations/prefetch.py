@@ -1,13 +1,16 @@
-"""Run an iterator in a background thread, a few items ahead of its consumer."""
+"""Run an iterator in a background thread, or a function over items in worker threads, ahead of the consumer."""
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 _DONE = object()
 
 
@@ -56,3 +59,27 @@ def background(items: Iterable[T], depth: int = 2, name: str = "vsae-prefetch") 
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = 2, depth: int = 2,
+                name: str = "vsae-gather") -> Iterator[R]:
+    """Yield fn(item) for each item, in the items' order, computed by `threads` worker threads.
+
+    At most `depth` + `threads` results are in flight ahead of the consumer (numpy gathers and copies release the
+    GIL, so the workers run in parallel). Exceptions in `fn` are re-raised in the consumer; closing the
+    generator early cancels what has not started and waits for what has.
+    """
+    ahead = max(1, depth) + max(1, threads)
+    pending: deque[Future] = deque()
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=name)
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)

@@ -5,14 +5,16 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from tests.synthetic import planted_features, synthetic_cache
 from vsae.config import SAEConfig, TrainConfig
-from vsae.trainer import fresh_state, noise_seed, train, train_device, update_step
+from vsae.trainer import NO_FAULT, fresh_state, noise_seed, train, train_device, update_step, window_means
 from vsae.variants import build_sae
 
 # Every variant with each of its own switch settings that changes what is trained.
@@ -45,9 +47,11 @@ def test_bf16_steps_train_every_variant_and_switch(own, sparse):
         for n, p in s.sae.named_parameters():
             assert p.dtype == torch.float32 and torch.isfinite(p).all(), (cfg, n)
         assert not torch.equal(before["W_enc"], s.sae.W_enc), cfg
-        assert s.window["_n"] == 6 and all(v == v for v in s.window.values()), (cfg, s.window)
+        means = window_means(s)
+        assert s.window_steps == 6 and all(v == v for v in means.values()), (cfg, means)
+        assert int(s.fault_step) == NO_FAULT, cfg
         if aux:
-            assert "auxk" in s.window, cfg
+            assert "auxk" in means, cfg
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +196,126 @@ def test_cuda_every_variant_trains_and_resumes_like_a_straight_run(tmp_path, gpu
             assert torch.isfinite(a[key]).all(), key
             # GPU kernels (atomics in index_add / scatter backward) need not be bit-deterministic
             torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+# --- no host syncs between log steps -------------------------------------------------------------------------
+
+class SyncRecorder(TorchFunctionMode):
+    """Records every call that reads a tensor back to the host (on CUDA each one waits for the GPU to drain)."""
+
+    READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.cpu,
+             torch.Tensor.numpy, torch.masked_select, torch.Tensor.masked_select, torch.unique,
+             torch.Tensor.unique, torch.argwhere, torch.Tensor.argwhere}
+
+    def __init__(self, host_tensors=()) -> None:
+        super().__init__()
+        self.host_tensors = list(host_tensors)  # host-side on CUDA too (Adam's step counters)
+        self.calls: list[str] = []
+        self.phase = "setup"
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        first = args[0] if args else None
+        masked = func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and _has_bool_tensor(args[1])
+        if (func in self.READS or masked) and not any(first is t for t in self.host_tensors):
+            self.calls.append(f"{self.phase}: {getattr(func, '__name__', func)}")
+        return func(*args, **(kwargs or {}))
+
+
+def _has_bool_tensor(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+def test_sync_recorder_sees_each_kind_of_host_read():
+    t = torch.randn(4)
+    for read in (lambda: t.sum().item(), lambda: bool(t.any()), lambda: float(t[0]), lambda: int(t.argmax()),
+                 lambda: t.tolist(), lambda: t.nonzero(), lambda: t[t > 0], lambda: t.__setitem__(t > 0, 0.0)):
+        with SyncRecorder() as rec:
+            read()
+        assert len(rec.calls) == 1, rec.calls
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_steps_between_log_steps_read_nothing_back_from_the_device(bf16):
+    """Every variant x switch of the CUDA path (dense), four SAEs in one pass: after the first step of each log
+    window (AuxK's candidate refresh) a step makes no host read at all."""
+    tcfg = TrainConfig(cache="unused", out="unused", steps=12, batch_size=64, lr=1e-3, lr_warmup_steps=1,
+                       log_every=4, progress=False)
+    x = torch.randn(12, 64, 16, generator=torch.Generator().manual_seed(0))
+    states = [fresh_state(Path("unused"), SAEConfig(d_sae=64, k=4, dead_after=64, **own), tcfg, 16, 12,
+                          torch.device("cpu"), sparse=False) for own in VARIANT_SWITCHES]
+    for step in range(2):  # Adam creates its state at the first step
+        for s in states:
+            update_step(s, x[step], step, 12, tcfg, bf16, 1)
+    adam_steps = [st["step"] for s in states for st in s.opt.state.values()]
+    with SyncRecorder(adam_steps) as rec:
+        for step in range(2, 12):
+            rec.phase = f"step {step}"
+            for s in states:
+                update_step(s, x[step], step, 12, tcfg, bf16, 1)
+    assert rec.calls and all(c in ("step 4: nonzero", "step 8: nonzero") for c in rec.calls), rec.calls
+    assert all(int(s.fault_step) == NO_FAULT and s.step == 12 for s in states)
+
+
+def test_training_loop_reads_the_device_only_at_log_and_checkpoint_steps(tmp_path, small_cache, monkeypatch):
+    import vsae.trainer as tr
+
+    real_step = tr.update_step
+    recorder: list[SyncRecorder] = []
+
+    def step_and_mark(s, x, step, *a):
+        rec = recorder[0]
+        rec.phase = f"in step {step}"
+        if step == 1:
+            rec.host_tensors += [st["step"] for st in s.opt.state.values()]
+        real_step(s, x, step, *a)
+        rec.phase = f"after step {step}"
+
+    monkeypatch.setattr(tr, "update_step", step_and_mark)
+    cfg = SAEConfig(d_sae=64, k=4, dead_after=256)
+    with SyncRecorder() as rec:
+        recorder.append(rec)
+        train(TrainConfig(cache=str(small_cache), out=str(tmp_path / "r"), steps=20, batch_size=64, lr=1e-3,
+                          lr_warmup_steps=1, log_every=5, checkpoint_every=10, progress=False, device="cpu",
+                          sparse=False), [cfg])
+    steps = [c.split(":")[0] for c in rec.calls if not c.startswith("setup")]
+    allowed = {f"in step {k}" for k in (0, 5, 10, 15)} | {f"after step {k}" for k in (4, 9, 14, 19)}
+    assert set(steps) <= allowed, sorted(set(steps) - allowed)
+    assert "in step 1" not in steps  # Adam's first step, recorded before its counters were exempted, is clean
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.0], ids=["streamed", "resident"])
+def test_multi_sae_pass_from_either_loader_equals_single_runs(tmp_path, budget):
+    """Four SAEs on one pass of a float16 cache, from device memory or streamed: each equals its own run."""
+    rows, _ = planted_features(4_000, d_in=32, n_features=128, seed=2)
+    cache = synthetic_cache(tmp_path / "cache", (rows * 3.0).astype(np.float16))
+    cfgs = [SAEConfig(d_sae=64, k=4, dead_after=256, **own) for own in VARIANT_SWITCHES]
+    kw = dict(cache=str(cache), steps=12, batch_size=128, lr=1e-3, lr_warmup_steps=1, log_every=4,
+              checkpoint_every=6, progress=False, device="cpu", sparse=False, device_data_budget=budget)
+    runs = train(TrainConfig(out=str(tmp_path / "group"), **kw), cfgs)
+    other = 1.0 - budget  # the single run reads through the other loader: the batches must be the same
+    [alone] = train(TrainConfig(out=str(tmp_path / "alone"), **{**kw, "device_data_budget": other}), [cfgs[2]])
+    a = load_file(str(runs[2] / "trainer_state.safetensors"))
+    b = load_file(str(alone / "trainer_state.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("own", VARIANT_SWITCHES, ids=_label)
+def test_cuda_steps_between_log_steps_never_synchronize(own):
+    """CUDA's own detector: any synchronizing call inside these steps raises."""
+    tcfg = TrainConfig(cache="unused", out="unused", steps=8, batch_size=256, lr=1e-3, lr_warmup_steps=1,
+                       log_every=8, progress=False, device="cuda")
+    x = torch.randn(8, 256, 32, device="cuda")
+    s = fresh_state(Path("unused"), SAEConfig(d_sae=128, k=8, dead_after=256, **own), tcfg, 32, 8,
+                    torch.device("cuda"), sparse=False)
+    update_step(s, x[0], 0, 8, tcfg, True, 1)  # the window's first step reads AuxK's candidates
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 8):
+            update_step(s, x[step], step, 8, tcfg, True, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(s.fault_step) == NO_FAULT and window_means(s)["l0"] <= 8

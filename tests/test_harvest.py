@@ -48,6 +48,78 @@ def test_activations_equal_run_with_cache(tmp_path, tiny_checkpoint, text_corpus
     assert m["mean_squared_norm"] == pytest.approx(float((want.astype(np.float64) ** 2).sum(1).mean()), rel=1e-9)
 
 
+def reference_harvest(checkpoint: Path, corpus: Path, n_seqs: int, shard_seqs: int, batch: int,
+                      dtype=torch.float16) -> np.ndarray:
+    """The harvest as first written: each batch's forward, then a synchronous cast and copy to the host."""
+    model = load_local_checkpoint(checkpoint)
+    docs = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    seqs = torch.from_numpy(np.stack(list(pack_contexts(docs, model.tokenizer, 32))[:n_seqs]))
+    got = {}
+    out = []
+    with torch.no_grad(), model.hooks(fwd_hooks=[(HOOK, lambda act, hook: got.update(act=act))]):
+        for first in range(0, n_seqs, shard_seqs):  # batches never span shards
+            shard = seqs[first : first + shard_seqs]
+            for b in range(0, len(shard), batch):
+                model(shard[b : b + batch], stop_at_layer=2)
+                out.append(got["act"][:, 1:].to(dtype).reshape(-1, 32).cpu().numpy())
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("slow_writer", [False, True], ids=["plain", "slow-writer"])
+def test_harvest_equals_the_synchronous_reference_bit_for_bit(tmp_path, tiny_checkpoint, text_corpus, monkeypatch,
+                                                               slow_writer):
+    """float16, a batch size that leaves partial batches, several shards; a slow writer thread must not let a
+    buffer be refilled before its rows are written."""
+    import time
+
+    import activations.harvest as h
+
+    if slow_writer:
+        real = h._write_rows
+        monkeypatch.setattr(h, "_write_rows", lambda *a: (time.sleep(0.1), real(*a)))
+    run(tmp_path / "c", tiny_checkpoint, text_corpus, dtype="float16", batch_size=3, tokens=900, shard_tokens=217)
+    acts, _ = cache_arrays(tmp_path / "c")
+    m = read_manifest(tmp_path / "c")
+    assert m["n_shards"] >= 4 and m["settings"]["shard_sequences"] % 3  # partial batches at every shard end
+    want = reference_harvest(tiny_checkpoint, text_corpus, m["n_sequences"], m["settings"]["shard_sequences"], 3)
+    assert acts.dtype == np.float16
+    np.testing.assert_array_equal(acts, want)
+
+
+def test_failed_row_write_is_one_cache_error(tmp_path, tiny_checkpoint, text_corpus, monkeypatch):
+    import activations.harvest as h
+
+    def disk_full(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(h, "_write_rows", disk_full)
+    with pytest.raises(CacheError, match="No space left on device.*free space"):
+        run(tmp_path / "c", tiny_checkpoint, text_corpus)
+    assert not read_manifest(tmp_path / "c")["shards"]
+
+
+def test_bfloat16_model_harvest_is_recorded_and_close_to_float32(tmp_path, tiny_checkpoint, text_corpus):
+    run(tmp_path / "f32", tiny_checkpoint, text_corpus, tokens=300)
+    run(tmp_path / "bf16", tiny_checkpoint, text_corpus, tokens=300, model_dtype="bfloat16")
+    assert read_manifest(tmp_path / "bf16")["settings"]["model_dtype"] == "bfloat16"
+    assert "model_dtype" not in read_manifest(tmp_path / "f32")["settings"]  # older caches stay resumable
+    a, b = cache_arrays(tmp_path / "f32")[0], cache_arrays(tmp_path / "bf16")[0]
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * np.abs(a).max())
+    with pytest.raises(ValueError, match="--model-dtype must be one of"):
+        run(tmp_path / "x", tiny_checkpoint, text_corpus, model_dtype="int8")
+
+
+@pytest.mark.cuda
+def test_cuda_harvest_equals_the_cpu_harvest_within_bf16_tolerance(tmp_path, tiny_checkpoint, text_corpus):
+    """Pinned double buffers, the copy stream and events; float32 storage, so only the GPU's arithmetic differs."""
+    run(tmp_path / "cpu", tiny_checkpoint, text_corpus, batch_size=3)
+    run(tmp_path / "gpu", tiny_checkpoint, text_corpus, batch_size=3, device="cuda")
+    (a, ta), (b, tb) = cache_arrays(tmp_path / "cpu"), cache_arrays(tmp_path / "gpu")
+    np.testing.assert_array_equal(ta, tb)
+    np.testing.assert_allclose(b, a, rtol=1e-2, atol=1e-2 * np.abs(a).max())
+
+
 def test_keep_bos_and_float16(tmp_path, tiny_checkpoint, text_corpus):
     run(tmp_path / "c", tiny_checkpoint, text_corpus, keep_bos=True, dtype="float16", tokens=320)
     acts, toks = cache_arrays(tmp_path / "c")

@@ -76,6 +76,110 @@ def test_breaking_out_early_stops_the_prefetch_thread(cache):
     assert not [t for t in threading.enumerate() if t.name == "vsae-prefetch" and t.is_alive()]
 
 
+# --- streamed or from device memory: the same batches ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp16_cache(tmp_path_factory):
+    from tests.synthetic import planted_features, synthetic_cache
+
+    rows, _ = planted_features(16 * 60, d_in=8, n_features=32, seed=4)
+    return synthetic_cache(tmp_path_factory.mktemp("fp16") / "cache", (rows * 3).astype(np.float16),
+                           context=17)
+
+
+def take(stream, n):
+    return [next(stream) for _ in range(n)]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("start,rank,world_size", [(0, 0, 1), (7, 0, 1), (13, 1, 2), (3, 2, 3)])
+def test_device_resident_batches_equal_streamed_ones(fp16_cache, start, rank, world_size, shuffle):
+    """Same rows per batch for the same (seed, epoch), across epoch ends, from any start and on any rank."""
+    kw = dict(split="train", seed=9, eval_fraction=0.1, shuffle=shuffle, dtype=None)
+    streamed = ActivationLoader(fp16_cache, 96, device_budget=0.0, **kw)
+    resident = ActivationLoader(fp16_cache, 96, device_budget=1.0, **kw)
+    per_epoch = streamed.n_tokens // 96
+    a = take(streamed.stream(start, rank, world_size), 2 * per_epoch + 1)
+    b = take(resident.stream(start, rank, world_size), 2 * per_epoch + 1)
+    assert resident.resident and not streamed.resident
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert x.dtype == y.dtype == torch.float16, i  # the stored dtype: the caller casts where it computes
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"batch {start + i}")
+    # and both are the batches batch_rows names, which a resumed run depends on
+    rows = [r[rank::world_size] for e in range(6) for r in list(streamed.batch_rows(e))[:per_epoch]][start:]
+    acts = np.concatenate(open_shards(fp16_cache)[1])
+    for i, x in enumerate(a):
+        np.testing.assert_array_equal(x.numpy(), acts[rows[i]])
+
+
+def test_resident_split_is_loaded_once_and_reused(fp16_cache, monkeypatch):
+    loader = ActivationLoader(fp16_cache, 64, device_budget=1.0, dtype=torch.float32)
+    loads = []
+    real = loader.load_split
+    monkeypatch.setattr(loader, "load_split", lambda: loads.append(1) or real())
+    x = next(loader.stream(0))
+    next(loader.stream(5))
+    assert loads == [1] and x.dtype == torch.float32  # cast from the stored float16 where the batch is drawn
+    assert loader._resident.dtype == torch.float16 and loader._resident.shape == (loader.n_tokens, 8)
+
+
+def test_device_budget_decides_between_resident_and_streamed(fp16_cache, monkeypatch):
+    import activations.loader as mod
+
+    need = ActivationLoader(fp16_cache, 64).split_bytes
+    assert need == ActivationLoader(fp16_cache, 64).n_tokens * 8 * 2
+    monkeypatch.setattr(mod, "free_memory", lambda device: 4 * need)
+    assert ActivationLoader(fp16_cache, 64, device_budget=0.25).fits_device()
+    assert not ActivationLoader(fp16_cache, 64, device_budget=0.24).fits_device()
+    assert not ActivationLoader(fp16_cache, 64, device_budget=0.0).fits_device()
+    small = ActivationLoader(fp16_cache, 64, device_budget=0.24)
+    next(small.stream(0))
+    assert not small.resident
+    with pytest.raises(ValueError, match="device_budget must be a fraction"):
+        ActivationLoader(fp16_cache, 64, device_budget=2.0)
+    assert mod.free_memory("cpu") > 0
+
+
+def test_ordered_map_keeps_order_raises_and_stops():
+    import threading
+    import time
+
+    from activations.prefetch import ordered_map
+
+    def slow_square(i):
+        time.sleep(0.01 * (i % 3))  # later items often finish first
+        return i * i
+
+    assert list(ordered_map(slow_square, range(20), threads=3, depth=2)) == [i * i for i in range(20)]
+
+    def boom(i):
+        if i == 5:
+            raise OSError("disk gone")
+        return i
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(ordered_map(boom, range(10), threads=2))
+    gen = ordered_map(slow_square, range(10_000), threads=2, depth=2, name="vsae-test-gather")
+    next(gen)
+    gen.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("vsae-test-gather") and t.is_alive()]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("budget", [0.0, 1.0], ids=["streamed", "resident"])
+def test_cuda_batches_equal_the_cpu_ones(fp16_cache, budget):
+    """Pinned buffers, the copy stream and events (streamed) or the device-side permutation (resident)."""
+    kw = dict(seed=3, dtype=torch.float32, prefetch=1, gather_threads=3)
+    cpu = take(ActivationLoader(fp16_cache, 64, **kw).stream(2), 40)
+    gpu = ActivationLoader(fp16_cache, 64, device="cuda", device_budget=budget, **kw)
+    got = take(gpu.stream(2), 40)
+    assert gpu.resident == (budget > 0)
+    for i, (x, y) in enumerate(zip(cpu, got, strict=True)):
+        assert y.device.type == "cuda" and y.dtype == torch.float32
+        torch.testing.assert_close(y.cpu(), x, rtol=0, atol=0, msg=f"batch {i}")
+
+
 # --- reading a cache safely: checksums on first read, shared lock, one-line errors --------------------------------
 
 

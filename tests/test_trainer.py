@@ -165,9 +165,9 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, small_cache, monkeyp
     real = TopKSAE.loss_terms
     calls = []
 
-    def poisoned(self, x, progress, dead, generator=None):
+    def poisoned(self, x, progress, dead, generator=None, candidates=None):
         calls.append(1)
-        out = real(self, x, progress, dead, generator)
+        out = real(self, x, progress, dead, generator, candidates)
         if len(calls) == 13:
             out.terms["mse"] = out.terms["mse"] * float("nan")
         return out
@@ -295,7 +295,7 @@ def _nan_rank_worker(rank: int, port: int, out: str, results, where: str) -> Non
 
     import torch.distributed as dist
 
-    from vsae.trainer import fresh_state, update_step
+    from vsae.trainer import check_finite, fresh_state, update_step
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))
@@ -313,6 +313,7 @@ def _nan_rank_worker(rank: int, port: int, out: str, results, where: str) -> Non
         s.sae.before_step = poison
     try:
         update_step(s, x, 0, 4, cfg, False, 2)
+        check_finite([s], 2)  # what the loop runs at log and checkpoint steps
         results.put((rank, "stepped"))
     except NonFiniteLoss as e:
         results.put((rank, f"NonFiniteLoss: {e}"))
@@ -350,3 +351,36 @@ def test_distributed_ranks_agree_on_a_non_finite_step(tmp_path, where):
         assert "loss term mse is not finite at step 0" in got[1], got
     else:
         assert "gradient is not finite" in got[1] and "another rank" in got[0], got
+
+
+@pytest.mark.parametrize("stop", ["checkpoint", "ctrl-c"])
+def test_non_finite_step_between_log_steps_never_reaches_a_checkpoint(tmp_path, small_cache, monkeypatch, stop):
+    """The device flag is read at a checkpoint step that is no log step, and on Ctrl-C: a state holding the
+    NaN step is never saved, the step-4 checkpoint stays."""
+    import vsae.trainer as tr
+    from vsae.variants import TopKSAE
+
+    real = TopKSAE.before_step
+    calls = []
+
+    def poisoned(self):
+        calls.append(1)
+        if len(calls) == 6:  # step 5
+            self.W_dec.grad[0, 0] = float("inf")
+        real(self)
+
+    monkeypatch.setattr(TopKSAE, "before_step", poisoned)
+    real_step = tr.update_step
+
+    def ctrl_c_at_7(s, x, step, *a):
+        if step == 7 and stop == "ctrl-c":
+            raise KeyboardInterrupt
+        real_step(s, x, step, *a)
+
+    monkeypatch.setattr(tr, "update_step", ctrl_c_at_7)
+    cfg = tcfg(small_cache, tmp_path / "r", checkpoint_every=4, log_every=100)
+    with pytest.raises(KeyboardInterrupt if stop == "ctrl-c" else NonFiniteLoss,
+                       **({} if stop == "ctrl-c" else {"match": "gradient is not finite .*at step 5.*step 4"})):
+        train(cfg, [SAEConfig(d_sae=64, k=4)])
+    assert json.loads((tmp_path / "r" / "train.json").read_text())["step"] == 4
+    assert all(torch.isfinite(v.float()).all() for v in weights(tmp_path / "r").values())

@@ -134,3 +134,31 @@ def test_lr_schedule():
     assert lrs[0] == pytest.approx(1 / 50) and lrs[49] == 1.0 and lrs[500] == 1.0
     assert lrs[900] == pytest.approx(0.5) and lrs[-1] == pytest.approx(1 / 200)
     assert all(math.isfinite(v) for v in lrs)
+    # no warm-up asked for, or a run too short for one (vsae demo --train-steps 4): full lr from step 0
+    assert [lr_at(s, 4, 1.0, 0, 0.8) for s in range(3)] == [1.0, 1.0, 1.0]
+    assert lr_at(0, 1000, 1.0, 0, 0.8) == 1.0 and lr_at(0, 5, 1.0, 50, 0.8) == 1.0
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_auxk_over_a_candidate_superset_equals_auxk_over_the_dead(sparse):
+    """The trainer passes every latent that may die before the next log step; the live ones among them must
+    change neither the AuxK term nor its gradients (here 5 dead < k_aux 8, so live candidates get picked too)."""
+    cfg = SAEConfig(d_sae=64, k=4, aux_k_coef=1 / 32, k_aux=8)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 9, 17, 40, 63]] = True
+    grads = []
+    for candidates in (None, dead.nonzero().squeeze(1), torch.arange(64), torch.arange(0, 64, 1).flip(0)):
+        sae = build_sae(cfg, 16, torch.Generator().manual_seed(0)).double()
+        sae.sparse = sparse
+        terms = sae.loss_terms(x.double(), 0.5, dead, None, candidates).terms
+        terms["auxk"].backward()
+        grads.append((terms["auxk"].detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    for value, g in grads[1:]:
+        torch.testing.assert_close(value, grads[0][0])
+        for n in g:
+            torch.testing.assert_close(g[n], grads[0][1][n], msg=n)
+    assert grads[0][0] > 0
+    sae = build_sae(cfg, 16, torch.Generator().manual_seed(0))
+    none_dead = sae.loss_terms(x, 0.5, torch.zeros(64, dtype=torch.bool), None, torch.arange(64)).terms
+    assert none_dead["auxk"].item() == 0.0

@@ -103,12 +103,20 @@ class TrainConfig:
         "help": "sparse encode/decode kernels (unset: sparse on CPU, dense on CUDA: faster on each)"})
     eval_fraction: float = field(default=0.05, metadata={
         "help": "fraction of the cache's sequences held out for vsae eval"})
+    device_data_budget: float = field(default=0.5, metadata={
+        "help": "load the training split onto the training device once, in the cache's dtype, when it takes at "
+                "most this fraction of the device's free memory (CUDA: free GPU memory; CPU: available RAM); "
+                "else batches stream from the cache files. 0: always stream. Either way the batches are the same"})
     log_every: int = field(default=50, metadata={"help": "steps between log.jsonl lines"})
     checkpoint_every: int = field(default=1000, metadata={"help": "steps between checkpoints"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
+        budget = self.device_data_budget
+        if isinstance(budget, int | float) and not isinstance(budget, bool) and not 0 <= budget <= 1:
+            raise ValueError(f"device_data_budget must be a fraction of free memory in [0, 1] (0: always stream "
+                             f"from the cache), got {budget}")
 
     def learning_rate(self, d_sae: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
@@ -116,7 +124,7 @@ class TrainConfig:
 
 def lr_at(step: int, n_steps: int, lr: float, warmup_steps: int, decay_start: float) -> float:
     """Linear warm-up, constant, then linear decay to 0 from `decay_start` of the run."""
-    warmup = min(warmup_steps, max(1, n_steps // 10))
+    warmup = max(1, min(warmup_steps, n_steps // 10))  # 0 warm-up steps (or a short run) means none
     scale = min(1.0, (step + 1) / warmup)
     start = int(decay_start * n_steps)
     if step >= start and n_steps > start:

@@ -4,6 +4,11 @@ Every SAE of a run group sees the same batches (each batch is read once), in
 the same order as an uninterrupted run, so a resumed run ends with the same
 weights on the CPU. Variants contribute only `loss_terms`; the loop below is
 the whole algorithm.
+
+A step reads nothing back from the device: log statistics add up in device
+tensors, the finiteness of the loss and gradient is a device flag, and both are
+read at log and checkpoint steps only (`check_finite`, `_log_line`), so the host
+queues step after step (and SAE after SAE of a multi-SAE pass) without waiting.
 """
 
 from __future__ import annotations
@@ -40,11 +45,13 @@ from vsae.run import (
 from vsae.variants import TopKSAE, build_sae, geometric_median
 
 # Fields that may change between a run and its resumption without changing what is computed.
-RESUMABLE_CHANGES = ("progress", "device", "log_every", "checkpoint_every", "out")
+RESUMABLE_CHANGES = ("progress", "device", "log_every", "checkpoint_every", "out", "device_data_budget")
+NO_FAULT = torch.iinfo(torch.int64).max  # `SAEState.fault_step` while every step has been finite
 
 
 class NonFiniteLoss(RuntimeError):
-    """A loss term or the gradient became NaN or inf; the step is not taken and the last good checkpoint is kept."""
+    """A loss term or the gradient became NaN or inf; found at the next log or checkpoint step, the run stops
+    there and keeps its last good checkpoint (never overwritten by a non-finite state)."""
 
 
 @dataclass
@@ -55,6 +62,10 @@ class SAEState:
     `tokens_since_fired` drives AuxK's dead mask. `generator` draws the training noise on the training device,
     reseeded every step from (seed, rank, step) so that ranks draw different noise and a resumed run, on any
     device, draws what the uninterrupted one did. `pending` is True while a step is half applied.
+    Device-side, read only at log and checkpoint steps: `window` sums the log statistics since the last log line
+    (one float64 vector per tuple of names), `fault_step` is the first step with a non-finite loss or gradient
+    (NO_FAULT while none) and `fault_flags` which of (gradient, loss, terms...) it was. `aux_candidates`: ids of
+    the latents that can be dead before step `aux_until` (`aux_candidates`).
     """
 
     path: Path
@@ -68,10 +79,19 @@ class SAEState:
     step: int = 0
     info: dict = field(default_factory=dict)  # train.json content, less step and tokens
     log: list[dict] = field(default_factory=list)
-    window: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     rank: int = 0
     pending: bool = False
+    window: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
+    window_steps: int = 0
+    fault_step: torch.Tensor | None = None
+    fault_flags: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
+    aux_candidates: torch.Tensor | None = None
+    aux_until: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fault_step is None:
+            self.fault_step = torch.full((), NO_FAULT, dtype=torch.int64, device=self.tokens_since_fired.device)
 
 
 def run_paths(train: TrainConfig, saes: list[SAEConfig], names: list[str] | None = None) -> list[Path]:
@@ -109,17 +129,18 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
     manifest = read_manifest(train_cfg.cache)
     d_in = int(manifest["d_in"])
     device = train_device(train_cfg.device, world_size)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # else every rank opens a context on GPU 0
+    # Batches come in the cache's dtype and are cast where the step runs (`normalise`): no fp32 copy on the host.
     loader = ActivationLoader(train_cfg.cache, train_cfg.batch_size, split="train", seed=train_cfg.seed,
-                              eval_fraction=train_cfg.eval_fraction, device=device)
+                              eval_fraction=train_cfg.eval_fraction, device=device, dtype=None,
+                              device_budget=train_cfg.device_data_budget)
     per_epoch = loader.n_tokens // train_cfg.batch_size
     n_steps = train_cfg.steps or (math.ceil(train_cfg.tokens / train_cfg.batch_size) if train_cfg.tokens
                                   else per_epoch)
     if n_steps <= 0:
         raise ValueError(f"the run must have at least one step, got {n_steps}")
     scale = math.sqrt(manifest["mean_squared_norm"])  # inputs are x / scale: unit mean squared norm
-    device = train_device(train_cfg.device, world_size)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # else every rank opens a context on GPU 0
     sparse = train_cfg.sparse if train_cfg.sparse is not None else device.type == "cpu"
     bf16 = train_cfg.bf16 if train_cfg.bf16 is not None else device.type == "cuda"
     info = {"cache": str(train_cfg.cache), "cache_hash": manifest_hash(manifest), "d_in": d_in,
@@ -134,54 +155,77 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
         start = min(s.step for s in states)
         if start >= n_steps:
             return paths
-        bar = tqdm(total=n_steps, initial=start, unit="step", desc="train", disable=not train_cfg.progress or rank > 0)
-        batches = loader.stream(start, rank=rank, world_size=world_size)
-        t_last, tok_last = time.perf_counter(), 0
-        try:
-            for step in range(start, n_steps):
-                x = next(batches) / scale
-                for s in states:
-                    if s.step == step:  # a state saved later than another (killed between saves) waits
-                        update_step(s, x, step, n_steps, train_cfg, bf16, world_size)
-                tok_last += x.shape[0] * world_size
-                done = step + 1
-                if done % train_cfg.log_every == 0 or done == n_steps:
-                    now = time.perf_counter()
-                    tok_s = tok_last / (now - t_last)
-                    for s in states:
-                        s.log.append(_log_line(s, done, train_cfg, tok_s))
-                    bar.set_postfix(_postfix(states[0].log[-1]))
-                    t_last, tok_last = now, 0
-                if (done % train_cfg.checkpoint_every == 0 or done == n_steps) and rank == 0:
-                    for s in states:
-                        _save(s, info, scale, n_steps)
-                bar.update(1)
-        except KeyboardInterrupt:
-            if rank == 0:
-                for s in states:  # keep the work done; a half-applied step is not saved (its last checkpoint stays)
-                    if not s.pending:
-                        _save(s, info, scale, n_steps)
-            raise
-        finally:
-            bar.close()
+        _loop(states, loader.stream(start, rank=rank, world_size=world_size), start, n_steps, train_cfg, info,
+              bf16, rank, world_size)
     return paths
 
 
-def update_step(s: SAEState, x: torch.Tensor, step: int, n_steps: int, cfg: TrainConfig, bf16: bool,
-            world_size: int) -> None:
-    """One optimiser step of one SAE on a batch of normalised activations.
+def _loop(states: list[SAEState], batches: Iterator[torch.Tensor], start: int, n_steps: int, cfg: TrainConfig,
+          info: dict, bf16: bool, rank: int, world_size: int) -> None:
+    """Steps `start`..n_steps of every SAE; the host reads the device only at log and checkpoint steps."""
+    scale = info["norm_scale"]
+    bar = tqdm(total=n_steps, initial=start, unit="step", desc="train", disable=not cfg.progress or rank > 0)
+    t_last, tok_last = time.perf_counter(), 0
+    try:
+        for step in range(start, n_steps):
+            x = normalise(next(batches), scale)
+            for s in states:
+                if s.step == step:  # a state saved later than another (killed between saves) waits
+                    update_step(s, x, step, n_steps, cfg, bf16, world_size)
+            tok_last += x.shape[0] * world_size
+            done = step + 1
+            log_now = done % cfg.log_every == 0 or done == n_steps
+            save_now = done % cfg.checkpoint_every == 0 or done == n_steps
+            if log_now or save_now:
+                check_finite(states, world_size)  # before anything is logged or saved
+            if log_now:
+                now = time.perf_counter()
+                tok_s = tok_last / (now - t_last)
+                for s in states:
+                    s.log.append(_log_line(s, done, cfg, tok_s))
+                bar.set_postfix(_postfix(states[0].log[-1]))
+                t_last, tok_last = now, 0
+            if save_now and rank == 0:
+                for s in states:
+                    _save(s, info, scale, n_steps)
+            bar.update(1)
+    except KeyboardInterrupt:
+        if rank == 0:
+            for s in states:  # keep the work done; a half-applied or non-finite state is not saved
+                if not s.pending and int(s.fault_step) == NO_FAULT:
+                    _save(s, info, scale, n_steps)
+        raise
+    finally:
+        bar.close()
 
-    The step is taken only when the loss and the gradient norm are finite on every rank (else NonFiniteLoss,
-    with the weights, optimiser and counters untouched).
+
+def normalise(batch: torch.Tensor, scale: float) -> torch.Tensor:
+    """A float32 batch of x / scale from a batch in the cache's dtype, in one pass on the batch's device.
+
+    Dividing by a one-element float32 tensor promotes the float16 batch inside the kernel, so no separate
+    float32 copy is made; the result equals `batch.float() / scale` bit for bit.
+    """
+    return torch.div(batch, torch.full((1,), scale, dtype=torch.float32, device=batch.device))
+
+
+def update_step(s: SAEState, x: torch.Tensor, step: int, n_steps: int, cfg: TrainConfig, bf16: bool,
+                world_size: int) -> None:
+    """One optimiser step of one SAE on a batch of normalised activations, with no host sync.
+
+    Nothing is read back from the device: whether the loss and gradient norm are finite is recorded in
+    `s.fault_step` (read by `check_finite` at log and checkpoint steps), the log statistics add up in
+    `s.window`. The one host read, of AuxK's possibly-dead latents, happens once per log window, at its first
+    step (`aux_candidates`).
     """
     for group in s.opt.param_groups:
         group["lr"] = lr_at(step, n_steps, group["initial_lr"], cfg.lr_warmup_steps, cfg.lr_decay_start)
-    dead = s.tokens_since_fired >= s.dead_after if s.cfg.aux_k_coef > 0 else None
+    tokens = x.shape[0] * world_size
+    candidates = aux_candidates(s, step, cfg.log_every, tokens)
+    dead = s.tokens_since_fired >= s.dead_after if candidates is not None else None
     s.generator.manual_seed(noise_seed(s.seed, s.rank, step))
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = s.sae.loss_terms(x, step / n_steps, dead, s.generator)
-    terms = out.terms
-    loss = sum(terms.values())
+        out = s.sae.loss_terms(x, step / n_steps, dead, s.generator, candidates)
+    loss = sum(out.terms.values())
     s.opt.zero_grad(set_to_none=True)
     loss.backward()
     fired = fired_counts(out.code, s.cfg.d_sae, s.firing.counts.dtype)
@@ -194,41 +238,84 @@ def update_step(s: SAEState, x: torch.Tensor, step: int, n_steps: int, cfg: Trai
         dist.all_reduce(fired)
     s.sae.before_step()
     norm = torch.nn.utils.clip_grad_norm_(s.sae.parameters(), cfg.grad_clip)
-    finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
-    if world_size > 1:
-        # Every rank learns whether any rank's step is non-finite before anyone steps: all stop together
-        # instead of the healthy ones waiting forever in the next step's all_reduce.
-        flag = finite.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        finite = flag.bool()
-    if not bool(finite):
-        raise NonFiniteLoss(_non_finite_message(s, terms, norm, step))
+    _record(s, out.terms, loss, norm, out.code.vals, step)
     s.pending = True  # until the step counter moves, a saved state would hold half a step
     s.opt.step()
     s.sae.after_step()
-    s.firing.add(fired, x.shape[0] * world_size)
-    s.tokens_since_fired += x.shape[0] * world_size
-    s.tokens_since_fired[fired > 0] = 0
+    s.firing.add(fired, tokens)
+    s.tokens_since_fired.add_(tokens).masked_fill_(fired > 0, 0)
     s.step = step + 1
     s.pending = False
-    stats = {name: float(t.detach()) for name, t in terms.items()}
-    stats["loss"] = float(loss.detach())
-    stats["l0"] = float((out.code.vals > 0).sum(1).float().mean())
-    for name, v in stats.items():
-        s.window[name] = s.window.get(name, 0.0) + v
-    s.window["_n"] = s.window.get("_n", 0.0) + 1
 
 
-def _non_finite_message(s: SAEState, terms: dict[str, torch.Tensor], norm: torch.Tensor, step: int) -> str:
-    bad = [name for name, t in terms.items() if not torch.isfinite(t)]
-    if bad:
-        what = f"loss term {', '.join(bad)} is not finite"
-    elif not torch.isfinite(norm):
+def aux_candidates(s: SAEState, step: int, window: int, tokens_per_step: int) -> torch.Tensor | None:
+    """Ids of every latent that can be dead at some step of the log window holding `step` (None: AuxK off).
+
+    A latent's tokens-since-fired grows by at most `tokens_per_step` a step, so those within reach of
+    `dead_after` by the window's last step are all that AuxK can pick until then: the host reads the counters
+    once per window, at its first step, and each step masks the live ones out on the device. The set is saved
+    with the trainer state, so a resumed run picks from the very columns the uninterrupted one did. A longer
+    log window means a larger set (at worst every latent, as a masked topk over all of them).
+    """
+    if s.cfg.aux_k_coef <= 0:
+        return None
+    if s.aux_candidates is None or step >= s.aux_until:
+        until = (step // window + 1) * window
+        reach = (until - 1 - step) * tokens_per_step
+        s.aux_candidates = (s.tokens_since_fired + reach >= s.dead_after).nonzero().squeeze(1)
+        s.aux_until = until
+    return s.aux_candidates
+
+
+def _record(s: SAEState, terms: dict[str, torch.Tensor], loss: torch.Tensor, norm: torch.Tensor,
+            vals: torch.Tensor, step: int) -> None:
+    """Add the step's log statistics to `s.window` and note a first non-finite step, all on the device."""
+    names = ("loss", *terms, "l0")
+    l0 = (vals > 0).sum(1, dtype=torch.float32).mean()
+    values = torch.stack([loss.detach().float(), *(t.detach().float() for t in terms.values()), l0]).double()
+    if names in s.window:
+        s.window[names] += values
+    else:
+        s.window[names] = values
+    s.window_steps += 1
+    checked = ("gradient", *names[:-1])
+    bad = ~torch.isfinite(torch.cat([norm.detach().double().reshape(1), values[:-1]]))
+    first = bad.any() & (s.fault_step == NO_FAULT)
+    s.fault_flags[checked] = torch.where(first, bad, s.fault_flags.get(checked, torch.zeros_like(bad)))
+    s.fault_step = torch.where(first, step, s.fault_step)
+
+
+def check_finite(states: list[SAEState], world_size: int = 1) -> None:
+    """NonFiniteLoss if any SAE (on any rank) took a non-finite step: the one host read of the fault flags, at
+    log and checkpoint steps. Under DDP every rank calls it at the same steps and all stop together, none left
+    waiting in the next all_reduce."""
+    local = torch.stack([s.fault_step for s in states])
+    first = local.clone()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    for s, mine, at in zip(states, local.tolist(), first.tolist(), strict=True):
+        if at != NO_FAULT:
+            raise NonFiniteLoss(_non_finite_message(s, mine == at, at))
+
+
+def _non_finite_message(s: SAEState, here: bool, step: int) -> str:
+    bad: set[str] = set()
+    if here:
+        for names, flags in s.fault_flags.items():
+            bad |= {n for n, f in zip(names, flags.tolist(), strict=True) if f}
+    terms = [n for names in s.fault_flags for n in names[2:] if n in bad]
+    if terms:
+        what = f"loss term {', '.join(dict.fromkeys(terms))} is not finite"
+    elif "loss" in bad:
+        what = "the loss (a sum of finite terms) is not finite"
+    elif "gradient" in bad:
         what = "the gradient is not finite (with a finite loss)"
     else:
         what = "another rank's loss or gradient is not finite"
-    return (f"{s.path}: {what} at step {step}; the step was not taken and the last checkpoint "
-            f"(step {_saved_step(s.path)}) is kept; lower --lr or check the cache")
+    return (f"{s.path}: {what} at step {step}; the run stops and keeps its last good checkpoint "
+            f"(step {_saved_step(s.path)}); lower --lr or check the cache, then resume")
 
 
 def noise_seed(seed: int, rank: int, step: int) -> int:
@@ -245,14 +332,23 @@ def train_device(name: str, world_size: int = 1, env: Mapping[str, str] | None =
     return device
 
 
+def window_means(s: SAEState) -> dict[str, float]:
+    """The mean of each log statistic over the steps since the last log line (a host read; a term present in
+    some steps only, like AuxK, is averaged over all of them, as absent meant 0)."""
+    means: dict[str, float] = {}
+    for names, sums in s.window.items():
+        for name, v in zip(names, sums.tolist(), strict=True):
+            means[name] = means.get(name, 0.0) + v / max(1, s.window_steps)
+    return means
+
+
 def _log_line(s: SAEState, step: int, cfg: TrainConfig, tok_s: float) -> dict:
-    n = s.window.pop("_n", 1.0)
-    line = {"step": step, "tokens": step * cfg.batch_size, "lr": s.opt.param_groups[0]["lr"]}
-    line.update({k: v / n for k, v in s.window.items()})
-    line["dead_fraction"] = float((s.tokens_since_fired >= s.dead_after).float().mean())
-    line["never_fired_fraction"] = float((s.firing.counts == 0).float().mean())
-    line["tokens_per_s"] = tok_s
+    line = {"step": step, "tokens": step * cfg.batch_size, "lr": s.opt.param_groups[0]["lr"], **window_means(s)}
+    dead, never = torch.stack([(s.tokens_since_fired >= s.dead_after).double().mean(),
+                               (s.firing.counts == 0).double().mean()]).tolist()
+    line.update(dead_fraction=dead, never_fired_fraction=never, tokens_per_s=tok_s)
     s.window.clear()
+    s.window_steps = 0
     return line
 
 
@@ -342,6 +438,9 @@ def _restore_from(s: SAEState, path: Path, info: dict, saved: dict, state: dict[
                           "exp_avg_sq": state[f"adam.exp_avg_sq.{name}"].to(device)}
     s.tokens_since_fired.copy_(state["tokens_since_fired"])
     s.firing.counts.copy_(state["fire_count"])
+    if "aux_candidates" in state:  # else (runs saved before it was kept) recomputed at the next step
+        s.aux_candidates = state["aux_candidates"].nonzero().squeeze(1).to(device)
+        s.aux_until = int(state["aux_until"])
     # "rng" (saved for reference) is not restored: the noise is reseeded from (seed, rank, step) every step, which
     # also lets a run resume on another device, whose generator state has another format.
     s.step = int(saved["step"])
@@ -352,7 +451,7 @@ def _init_b_dec(s: SAEState, loader: ActivationLoader, scale: float, device) -> 
     """b_dec at the geometric median (or mean) of the first training batch, as in Gao et al."""
     if s.cfg.b_dec_init == "zero":
         return
-    sample = next(iter(loader.stream(0))).to(device) / scale  # the full first batch, on every rank
+    sample = normalise(next(iter(loader.stream(0))).to(device), scale)  # the full first batch, on every rank
     centre = geometric_median(sample) if s.cfg.b_dec_init == "geometric_median" else sample.mean(0)
     with torch.no_grad():
         s.sae.b_dec.copy_(centre)
@@ -367,6 +466,10 @@ def _save(s: SAEState, info: dict, scale: float, n_steps: int) -> None:
             state[f"adam.exp_avg.{n}"] = st["exp_avg"]
             state[f"adam.exp_avg_sq.{n}"] = st["exp_avg_sq"]
     state.update(tokens_since_fired=s.tokens_since_fired, fire_count=s.firing.counts, rng=s.generator.get_state())
+    if s.aux_candidates is not None:
+        mask = torch.zeros(s.cfg.d_sae, dtype=torch.bool, device=s.aux_candidates.device)
+        state.update(aux_candidates=mask.index_fill_(0, s.aux_candidates, True),
+                     aux_until=torch.tensor(s.aux_until, dtype=torch.int64))
     tokens = s.step * s.info["train"]["batch_size"]
     density = s.firing.counts / max(1, tokens)
     run_info = {**s.info, "step": s.step, "tokens_seen": tokens, "complete": s.step >= n_steps}

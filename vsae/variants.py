@@ -115,18 +115,22 @@ class TopKSAE(nn.Module):
 
     # --- the loss ----------------------------------------------------------------------
     def loss_terms(self, x: Tensor, progress: float, dead: Tensor | None,
-                   generator: torch.Generator | None = None) -> TrainStepOutput:
+                   generator: torch.Generator | None = None, candidates: Tensor | None = None) -> TrainStepOutput:
         """Loss terms (each already weighted), plus the batch's code (vals, idx) for statistics.
 
-        `progress` is the fraction of the run done (for warm-ups); `dead` a bool mask of
-        latents that have not fired for `dead_after` tokens (for AuxK).
+        `progress` is the fraction of the run done (for warm-ups); `dead` a bool mask of latents that have not
+        fired for `dead_after` tokens (for AuxK); `candidates` the ids of every latent that may be dead (a superset
+        of `dead`'s, fixed for many steps, so AuxK runs without reading `dead` on the host: see `aux_loss`).
         """
         x_in = self.encoder_input(x)
         vals, idx, pre, terms = self.training_latents(x_in, progress, generator)
         x_hat = self.decode_sparse(idx, vals) + self.b_dec
         terms = {"mse": (x_hat - x).pow(2).sum(-1).mean(), **terms}
-        if self.cfg.aux_k_coef > 0 and dead is not None and bool(dead.any()):
-            terms["auxk"] = self.cfg.aux_k_coef * self.aux_loss(x_in, pre, x - x_hat.detach(), dead)
+        if self.cfg.aux_k_coef > 0 and dead is not None:
+            if candidates is None:
+                candidates = dead.nonzero().squeeze(1)  # a host read: the trainer passes candidates instead
+            if candidates.numel():
+                terms["auxk"] = self.cfg.aux_k_coef * self.aux_loss(x_in, pre, x - x_hat.detach(), dead, candidates)
         return TrainStepOutput(terms, vals.detach(), idx, self.firing_code(pre, vals, idx))
 
     @torch.no_grad()
@@ -135,18 +139,26 @@ class TopKSAE(nn.Module):
         latents are that code already."""
         return TopKCode(vals.detach(), idx)
 
-    def aux_loss(self, x_in: Tensor, pre: Tensor, residual: Tensor, dead: Tensor) -> Tensor:
-        """AuxK: the top `k_aux` dead latents reconstruct the residual, normalised by its variance."""
-        k_aux = min(self.k_aux, int(dead.sum()))
+    def aux_loss(self, x_in: Tensor, pre: Tensor, residual: Tensor, dead: Tensor, candidates: Tensor) -> Tensor:
+        """AuxK: the top `k_aux` dead latents reconstruct the residual, normalised by its variance.
+
+        The top k_aux are chosen among the `candidates` columns with the live ones masked out: a fixed shape, so
+        no host read of how many latents are dead, and far cheaper than masking all of [B, d_sae] when few
+        latents may be dead. Where fewer than k_aux are dead the extra picks get value 0 (no reconstruction, no
+        gradient), and with none dead the term is exactly 0.
+        """
+        k_aux = min(self.k_aux, candidates.numel())
         with torch.no_grad():
-            # Select among the dead columns only: far cheaper than masking all of [B, d_sae].
-            dead_ids = dead.nonzero().squeeze(1)
-            top = pre.detach().index_select(1, dead_ids).topk(k_aux, dim=1, sorted=False).indices
-            idx = dead_ids[top]
-        vals = self.selected_pre(x_in, idx, pre).relu()
+            cand_dead = dead.index_select(0, candidates)
+            scores = pre.detach().index_select(1, candidates).masked_fill(~cand_dead, float("-inf"))
+            top = scores.topk(k_aux, dim=1, sorted=False).indices
+            idx = candidates[top]
+            picked_dead = cand_dead[top]  # False only where fewer than k_aux candidates are dead
+        vals = self.selected_pre(x_in, idx, pre).relu() * picked_dead
         recon = self.decode_sparse(idx, vals)
         variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
-        return (recon - residual).pow(2).sum(-1).mean() / variance.clamp_min(1e-12)
+        loss = (recon - residual).pow(2).sum(-1).mean() / variance.clamp_min(1e-12)
+        return torch.where(cand_dead.any(), loss, 0.0)  # not loss * any: a NaN loss would survive the 0
 
     # --- the decoder constraint ----------------------------------------------------------
     @torch.no_grad()
