@@ -147,10 +147,11 @@ class EvalContext:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, default=_jsonable) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=1, default=jsonable) + "\n")
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """json.dumps `default` for tensors and numpy values (eval.json, the null store)."""
     if torch.is_tensor(v):
         return v.tolist()
     if isinstance(v, np.ndarray | np.generic):

@@ -29,7 +29,7 @@ from activations.loader import ActivationLoader
 from activations.models import load_model, source_from_manifest
 from evals import provenance, registry
 from evals.baseline import attach_bootstrap, attach_unpaired
-from evals.context import EvalContext, EvalError, StreamStats, _jsonable, write_json
+from evals.context import EvalContext, EvalError, StreamStats, jsonable, write_json
 from evals.metrics import CoreAccumulator
 from evals.null import NULL_SEEDS, NullStore, null_saes
 from evals.scr_tpp import UNITS
@@ -172,7 +172,7 @@ class _NullPlan:
         for key in self.missing(group):
             if key in computed:
                 self.store.put(group.name, key, self._settings(group), computed[key])
-                out[key] = json.loads(json.dumps(computed[key], default=_jsonable))  # as a stored one reads
+                out[key] = json.loads(json.dumps(computed[key], default=jsonable))  # as a stored one reads
         return out
 
 

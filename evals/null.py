@@ -11,13 +11,12 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from activations.atomic import write_text_atomic
+from evals.context import jsonable
 from vsae.checkpoint import SAEWeights
 
 NULL_SEEDS = (1, 2, 3)
@@ -86,17 +85,9 @@ class NullStore:
         try:
             self.root.mkdir(exist_ok=True)
             write_text_atomic(self._path(group, key, settings),
-                              json.dumps({"null": key, "group": group, "result": result}, default=_jsonable))
+                              json.dumps({"null": key, "group": group, "result": result}, default=jsonable))
         except OSError as e:
             if not self.warned:
                 warnings.warn(f"cannot store random-SAE null results in {self.root} ({e}); they are recomputed "
                               f"each time", stacklevel=2)
                 self.warned = True
-
-
-def _jsonable(v: Any) -> Any:
-    if torch.is_tensor(v):
-        return v.tolist()
-    if isinstance(v, np.ndarray | np.generic):
-        return v.tolist()
-    raise TypeError(f"cannot serialise {type(v).__name__}")
