@@ -54,7 +54,7 @@ def null_saes(saes: dict, d_in: int, n_seeds: int, b_dec: Tensor, device: str | 
     return nulls, null_of
 
 
-NULL_VERSION = 1  # bump when the null SAE or a null-aware group's computation changes: old stored results then miss
+NULL_VERSION = 2  # bump when the null SAE or a null-aware group's computation changes: old stored results then miss
 STORE_DIR = ".vsae-null"
 
 

@@ -141,6 +141,10 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
     if n_steps <= 0:
         raise ValueError(f"the run must have at least one step, got {n_steps}")
     scale = math.sqrt(manifest["mean_squared_norm"])  # inputs are x / scale: unit mean squared norm
+    if not 0 < scale < torch.finfo(torch.float32).max:
+        raise ValueError(f"the cache {train_cfg.cache} records mean_squared_norm {manifest['mean_squared_norm']!r}, "
+                         f"whose square root {scale!r} cannot scale float32 activations; the manifest is damaged: "
+                         f"harvest the cache again")
     sparse = train_cfg.sparse if train_cfg.sparse is not None else device.type == "cpu"
     bf16 = train_cfg.bf16 if train_cfg.bf16 is not None else device.type == "cuda"
     info = {"cache": str(train_cfg.cache), "cache_hash": manifest_hash(manifest), "d_in": d_in,
