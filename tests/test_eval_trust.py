@@ -254,3 +254,34 @@ def test_an_scr_pair_without_room_between_base_and_oracle_is_reported_not_averag
     out = _over_sets("scr", {"good": pair(0.6, 0.9, 0.9, 0.4), "flat": pair(0.52, 0.9, 0.56, 3.0)})
     assert out["metrics"]["scr_metric_threshold_10"] == 0.4 and out["n_sets"] == 1
     assert out["sets_not_counted"] == ["flat"] and out["sets"]["flat"]["counted"] is False
+
+
+@pytest.mark.slow
+def test_demo_sized_topk_verdict_shown_matches_its_intervals(tmp_path):
+    """The demo's TopK recipe (embedded model, d_sae 2048, k 32, 300 steps) against its nulls at N = 20: whatever
+    the verdict, the CLI lines and the compare page show "not separated" exactly where the interval includes 0."""
+    import dataclasses
+
+    from activations.harvest import HarvestConfig, harvest
+    from activations.tiny_model import ensure_tiny_model
+    from dashboards.compare import NOT_SEPARATED, _null_text
+    from evals.driver import table
+    from vsae.config import apply_preset
+
+    ensure_tiny_model(progress=False)
+    cache = str(tmp_path / "cache")
+    harvest(HarvestConfig(out=cache, corpus=["shakespeare"], tokens=200_000, progress=False))
+    arm = dataclasses.replace(apply_preset("paper-topk", SAEConfig(), TrainConfig())[0], d_sae=2048, k=32,
+                              dead_after=None)
+    [run] = train(TrainConfig(cache=cache, out=str(tmp_path / "sae"), steps=300, batch_size=4096,
+                              lr_warmup_steps=30, progress=False), [arm], names=["topk"])
+    out = evaluate([run], EvalConfig(cache=cache, metrics=["scr", "tpp"], labelled_train=2000, labelled_test=1000,
+                                     progress=False))
+    lines = table(out)
+    m = out[str(run)]["metrics"]
+    for group, key in (("scr", "scr_metric_threshold_20"), ("tpp", "tpp_threshold_20_total_metric")):
+        cmp = m[group]["null"][key]
+        lo, hi = cmp["interval"]
+        assert cmp["includes_zero"] == (lo <= 0 <= hi)
+        assert (NOT_SEPARATED in _null_text(cmp)) == cmp["includes_zero"], (group, cmp)
+        assert (f"{group}.{key}" in lines) == cmp["includes_zero"], (group, lines)
