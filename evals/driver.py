@@ -316,14 +316,15 @@ def recover_eval(run: Path) -> None:
 def _merge_existing(run: Path, doc: dict) -> dict:
     """Keep the groups of an earlier `vsae eval` that this one did not recompute, each with its own provenance, if
     computed from the same weights, cache and split (`provenance.still_valid`); drop the others."""
-    old = read_run(run).eval or {}
-    old_origin = old.get("provenance") if isinstance(old.get("provenance"), dict) else {}
+    old = read_run(run)
+    old_origin = (old.eval or {}).get("provenance")
+    old_origin = old_origin if isinstance(old_origin, dict) else {}
     current = next(iter(doc["provenance"].values()), None)
-    kept = {g: m for g, m in read_run(run).metrics.items()
+    kept = {g: m for g, m in old.metrics.items()
             if g not in doc["metrics"] and current and provenance.still_valid(old_origin.get(g), current)}
     doc["metrics"] = {**kept, **doc["metrics"]}
     doc["provenance"] = {**{g: old_origin[g] for g in kept}, **doc["provenance"]}
-    doc["dropped"] = sorted(g for g in read_run(run).metrics if g not in doc["metrics"]) or None
+    doc["dropped"] = sorted(g for g in old.metrics if g not in doc["metrics"]) or None
     return doc
 
 

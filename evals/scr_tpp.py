@@ -51,6 +51,7 @@ from evals.probes import (
     token_activations,
     train_probe,
 )
+from evals.stats import weighted_means
 from vsae.checkpoint import SAEWeights
 
 N_VALUES = (2, 5, 10, 20, 50, 100, 500)  # SAEBench's defaults
@@ -388,8 +389,7 @@ def _wmean(correct: np.ndarray, weights: np.ndarray | None, rows: np.ndarray | N
     correct = np.asarray(correct, dtype=np.float64)
     if weights is None:
         return np.asarray(correct.mean())
-    w = weights if rows is None else weights[:, rows]
-    return (w @ correct) / w.sum(axis=1)
+    return weighted_means(correct, weights if rows is None else weights[:, rows])
 
 
 def _scr_metrics(ablated: dict[str, dict[int, float]], acc: dict[str, float], ns: Sequence[int]
