@@ -1,7 +1,7 @@
 """Recovery of true features by each SAE variant, trained together in one pass.
 
     python benchmarks/planted.py [--preset tiny] [--steps 1500] [--tokens 254000] [--kl-coef 1e-3]
-    python benchmarks/planted.py --generator planted      # the hand-written generator of the recorded table
+    python benchmarks/planted.py --generator planted      # independent features, no correlation or hierarchy
 
 Default: a SynthSAEBench cache from `vsae synth` (activations/synthetic.py: sae_lens.synthetic's generator, with
 correlated, hierarchical, mutually exclusive firing and per-feature magnitudes), scored by the ground-truth metrics
@@ -10,8 +10,10 @@ shrinkage, each against three random SAEs of the same shape, with the paired 95%
 held-out rows. Also reported: the fraction of true features whose best-matching decoder row has cosine > 0.9, the
 fraction of latents that fired, and the explained variance.
 
-`--generator planted`: vsae's earlier hand-written generator (independent features, lognormal magnitudes, 512
-directions in 64 dimensions), kept only to reproduce the table recorded in benchmarks/RESULTS.md.
+`--generator planted`: the unit tests' fixture generator (tests/synthetic.py: SAELens's `ActivationGenerator` and
+`FeatureDictionary` with independent firing, 512 random unit directions in 64 dimensions). The "Planted features"
+table in benchmarks/RESULTS.md was measured with vsae's earlier hand-written generator (lognormal magnitudes),
+which gave way to the library's; rerun this to compare.
 """
 
 from __future__ import annotations

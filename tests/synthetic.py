@@ -11,18 +11,23 @@ from activations.cache import write_array_cache
 
 def planted_features(n_rows: int, d_in: int = 64, n_features: int = 512, active: float = 5.0,
                      noise: float = 0.01, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(rows [n, d_in] float32, true unit directions [n_features, d_in]).
+    """(rows [n, d_in] float32, true unit directions [n_features, d_in]), drawn with SAELens's SynthSAEBench
+    generator (`sae_lens.synthetic`): random unit features (not orthogonalised: fixtures stay fast), each firing
+    independently with probability `active / n_features` at a magnitude ReLU(N(1, 0.5)), plus Gaussian noise.
+    The structured presets (correlation, hierarchy) are `activations.synthetic`'s; this is the plain case the unit
+    tests need, from the same library rather than a second generator. A pure function of its arguments."""
+    import torch
+    from sae_lens.synthetic import ActivationGenerator, FeatureDictionary
 
-    Each row is a sparse nonnegative combination of about `active` of the true
-    directions with heavy-tailed (lognormal) magnitudes, plus Gaussian noise.
-    """
-    rng = np.random.default_rng(seed)
-    dirs = rng.standard_normal((n_features, d_in))
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    on = rng.random((n_rows, n_features)) < active / n_features
-    mags = rng.lognormal(0.0, 0.5, size=(n_rows, n_features)) * on
-    x = mags @ dirs + noise * rng.standard_normal((n_rows, d_in))
-    return x.astype(np.float32), dirs.astype(np.float32)
+    with torch.random.fork_rng(devices=[]):  # the library samples from torch's global RNG: keep callers' stream
+        torch.manual_seed(seed)
+        features = FeatureDictionary(n_features, d_in, initializer=None, seed=seed)
+        codes = ActivationGenerator(n_features, firing_probabilities=active / n_features,
+                                    mean_firing_magnitudes=1.0, std_firing_magnitudes=0.5).sample(n_rows)
+        with torch.no_grad():
+            x = features(codes) + noise * torch.randn(n_rows, d_in)
+        dirs = features.feature_vectors.detach()
+    return x.numpy().astype(np.float32), dirs.numpy().astype(np.float32)
 
 
 def synthetic_cache(out: Path, rows: np.ndarray, context: int = 17) -> Path:
