@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from evals import ground_truth as GROUND_TRUTH
+from evals import sparse_probing as SPARSE_PROBING
 from evals.ablation import DEFINITIONS as ABLATION_DEFINITIONS
 from evals.baseline import Bootstrap
 from evals.context import EvalContext
@@ -337,6 +338,24 @@ def _independence(ctx: EvalContext) -> dict[Path | str, dict]:
     return out
 
 
+def _sparse_probing(ctx: EvalContext) -> dict[Path | str, dict]:
+    """k-sparse probing on TPP's labelled sets (evals/sparse_probing.py): per set, the model's activations (from the
+    store beside the cache) and the SAE-independent tasks and model probes once; then each SAE's latents."""
+    if ctx.synthetic:
+        return {}
+    seed = ctx.cfg.seed
+    subjects = ctx.subjects()
+    per_set: dict[Path | str, dict[str, dict]] = {key: {} for key in subjects}
+    for data in _probe_sets(ctx.cfg, "tpp"):
+        tokens = ctx.labelled_activations(data)
+        refs = SPARSE_PROBING.fit_references(tokens, data, seed)
+        for key, sae in subjects.items():
+            ks = [k for k in SPARSE_PROBING.K_VALUES if k <= sae.d_sae]
+            per_set[key][data.description["name"]] = SPARSE_PROBING.sparse_probing_from_activations(
+                tokens, data, sae, refs, ks, seed=seed)
+    return {key: SPARSE_PROBING.over_sets(sets, seed) for key, sets in per_set.items()}
+
+
 def _ground_truth(ctx: EvalContext) -> dict[Path | str, dict]:
     from evals.ground_truth import ground_truth_group
 
@@ -473,6 +492,20 @@ GROUPS = (
                         "tpp_threshold_{n}_total_metric"),
     _probe_metric_group("scr", "SCR", "SAEBench spurious correlation removal (METRICS.md section 4)",
                         "scr_metric_threshold_{n}"),
+    MetricGroup(
+        "sparse_probing", _sparse_probing, SPARSE_PROBING.DEFINITIONS, frozenset({"model"}),
+        columns=(("sp_top1", "saebench_top_1_accuracy"), ("sp_auc1", "sae_probes_top_1_auc")),
+        compare_rows=_scalars,
+        paper=lambda r: {"sparse_probing_top1": r.get("saebench_top_1_accuracy"),
+                         "sae_probes_top1_auc": r.get("sae_probes_top_1_auc")},
+        measured=lambda r, s: _on(("k-sparse probing", s.get("labelled_test"), "labelled test texts per set"),
+                                  ("sets averaged", r.get("n_sets"), "labelled sets")),
+        headlines=(Headline("sparse probing: top-1 accuracy (SAEBench)", "saebench_top_1_accuracy", "higher"),
+                   Headline("sparse probing: top-5 accuracy (SAEBench)", "saebench_top_5_accuracy", "higher"),
+                   Headline("sparse probing: top-1 AUC (sae-probes)", "sae_probes_top_1_auc", "higher"),
+                   Headline("sparse probing: top-5 AUC (sae-probes)", "sae_probes_top_5_auc", "higher")),
+        nulls=True, null_settings=("labelled", "labelled_train", "labelled_test", "seed"),
+        bootstrap=SPARSE_PROBING.BOOTSTRAP),
     MetricGroup(
         "independence", _independence,
         {"independence": "dependence between latents on a fixed number of held-out tokens (independence_tokens), "
