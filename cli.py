@@ -111,7 +111,7 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {path}: {probe} is not writable; choose another {flag}")
 
 
-DEVICE_COMMANDS = ("harvest", "synth", "train", "eval", "dashboard", "compare", "study", "serve")
+DEVICE_COMMANDS = ("harvest", "synth", "train", "eval", "dashboard", "compare", "study", "serve", "audit")
 
 
 def _preflight(args: argparse.Namespace) -> None:
@@ -156,9 +156,14 @@ def cmd_build_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_harvest(args: argparse.Namespace) -> int:
+    from activations.distributed import HARVEST_TIMEOUT, process_group
     from activations.harvest import HarvestConfig, harvest
 
-    print(harvest(_config(HarvestConfig, args)).line())
+    cfg = _config(HarvestConfig, args)
+    with process_group(cfg.device, timeout=HARVEST_TIMEOUT) as ranks:  # one process unless under torchrun
+        summary = harvest(cfg, ranks)
+    if ranks.rank == 0:
+        print(summary.line())
     return 0
 
 
@@ -202,9 +207,9 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import os
     import tomllib
 
+    from activations.distributed import process_group, rank_device
     from vsae.config import SAEConfig, TrainConfig, apply_preset
     from vsae.trainer import train
 
@@ -240,31 +245,45 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise ValueError(f"--sweep {args.sweep}: unknown SAE field(s) {', '.join(unknown)}; "
                                  f"valid: {', '.join(sorted(sae_fields))}")
         sae_cfgs = [dataclasses.replace(c, **overrides) for c in sae_cfgs for overrides in sweep]
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        import torch.distributed as dist
-
-        cuda = train_cfg.device.startswith("cuda")
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            train_cfg = dataclasses.replace(train_cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
-    try:
-        paths = train(train_cfg, sae_cfgs, resume=args.resume, rank=rank, world_size=world, names=names)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-    if rank == 0:
+    with process_group(train_cfg.device) as ranks:  # one process unless under torchrun
+        train_cfg = dataclasses.replace(train_cfg, device=str(rank_device(train_cfg.device, ranks.world_size,
+                                                                           ranks.local_rank)))
+        paths = train(train_cfg, sae_cfgs, resume=args.resume, rank=ranks.rank, world_size=ranks.world_size,
+                      names=names, stream=_stream_config(given))
+    if ranks.rank == 0:
         for p in paths:
             print(f"run written to {p}")
     return 0
 
 
+def _stream_config(given: dict):
+    """The StreamConfig of `vsae train --model ...` (None: train on --cache); refuses mixed or missing sources."""
+    from activations.stream_source import StreamConfig
+
+    stream = {f.name: given[f.name] for f in dataclasses.fields(StreamConfig) if f.name in given}
+    source = [f"--{k.replace('_', '-')}" for k in ("model", "model_path") if k in stream]
+    if "cache" in given and stream:
+        raise ValueError(f"--cache trains on a harvested cache, {' '.join(source or ['--model'])} from the model "
+                         f"as it runs: give one (the flags {', '.join(sorted(stream))} belong to streaming)")
+    if stream and not source:
+        raise ValueError(f"--{sorted(stream)[0].replace('_', '-')} sets up streaming training: also give --model "
+                         f"NAME or --model-path DIR (or drop it and train on --cache DIR)")
+    if not stream and "cache" not in given:
+        raise ValueError("give --cache DIR (a cache from vsae harvest), or --model NAME / --model-path DIR to "
+                         "train from the model's activations as it produces them")
+    if stream.get("cache_out"):
+        check_writable(stream["cache_out"], "--cache-out")
+    return StreamConfig(**stream) if stream else None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from evals.audit import read_audit, read_marks
     from evals.driver import EvalConfig, evaluate, table
     from evals.registry import parse_metrics
 
+    marks = read_marks(read_audit(args.audit)) if args.audit else None  # a bad file fails before the work
     results = evaluate(args.runs, _config(EvalConfig, args, metrics=parse_metrics(args.metrics)))
-    print(table(results))
+    print(table(results, marks))
     for run in results:
         print(f"wrote {Path(run) / 'eval.json'}")
     return 0
@@ -304,6 +323,19 @@ def cmd_study(args: argparse.Namespace) -> int:
     n = len(state["runs"]) + len(state.get("size_matched", []))
     print(f"study of {n} runs ({len(state['skipped'])} combinations skipped) written to {cfg.out}: "
           f"{Path(cfg.out) / 'report.md'}, {Path(cfg.out) / 'report.html'}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from evals.registry import parse_metrics
+    from pipeline.audit import AuditConfig, run_audit
+
+    cfg = _config(AuditConfig, args, metrics=parse_metrics(args.metrics))
+    doc = run_audit(cfg)
+    failed = [f"{m['label']} ({', '.join(k for k, v in m['lenses'].items() if v['verdict'] == 'fail')})"
+              for m in doc["metrics"] if any(v["verdict"] == "fail" for v in m["lenses"].values())]
+    print(f"audit of {len(doc['metrics'])} metrics written to {Path(cfg.out) / 'audit.md'}; failing a lens: "
+          f"{'; '.join(failed) or 'none'}")
     return 0
 
 
@@ -362,13 +394,18 @@ def _add_synth(sub) -> None:
 
 
 def _add_train(sub) -> None:
+    from activations.harvest import DTYPES, MODEL_DTYPES
+    from activations.stream_source import StreamConfig
     from vsae.config import B_DEC_INITS, DECODERS, PRESETS, VARIANCES, SAEConfig, TrainConfig
     from vsae.variants import VARIANTS
 
-    p = _command(sub, "train", cmd_train, "train SAEs on a cache (several in one pass)",
-                 "Train TopK / vSAE SAEs on an activation cache; several configs share each batch. "
-                 "Distributed: torchrun --nproc_per_node N $(which vsae) train ...")
-    add_config_flags(p, TrainConfig, required=("cache",), explicit_only=True)
+    p = _command(sub, "train", cmd_train, "train SAEs on a cache or from a model (several in one pass)",
+                 "Train TopK / vSAE SAEs on an activation cache (--cache), or from a model's activations as it "
+                 "produces them (--model / --model-path, with harvest's source flags; --cache-out keeps them); "
+                 "several configs share each batch. Distributed (--cache): torchrun --nproc_per_node N "
+                 "$(which vsae) train ...")
+    add_config_flags(p, TrainConfig, explicit_only=True)
+    add_config_flags(p, StreamConfig, explicit_only=True, choices={"dtype": DTYPES, "model_dtype": MODEL_DTYPES})
     add_config_flags(p, SAEConfig, explicit_only=True, comma={"k": "a comma list trains one SAE each"},
                      choices={"variant": tuple(VARIANTS), "decoder": DECODERS, "variance": VARIANCES,
                               "b_dec_init": B_DEC_INITS})
@@ -387,6 +424,8 @@ def _add_eval(sub) -> None:
                  "RUN/eval.json and RUN/figures/*.html and prints a table.")
     p.add_argument("runs", nargs="+", help="run directories (vsae or SAELens topk checkpoints)")
     add_config_flags(p, EvalConfig, choices={"labelled": ("offline", "real")}, comma={"metrics": _metrics_note()})
+    p.add_argument("--audit", default=None, help="audit.json from vsae audit: the table marks numbers of a metric "
+                   "that failed one of its lenses")
 
 
 def _add_dashboard(sub) -> None:
@@ -434,6 +473,18 @@ def _add_study(sub) -> None:
     add_config_flags(p, StudyConfig, comma={"metrics": _metrics_note()})
 
 
+def _add_audit(sub) -> None:
+    from pipeline.audit import AuditConfig
+
+    p = _command(sub, "audit", cmd_audit, "how far each metric can be believed: reseed, trend, ground truth",
+                 "Apply three lenses to every headline metric on one setting: reseed noise (snapshots of a run "
+                 "evaluated with varied evaluation seeds and held-out samples), discriminability (the trend along "
+                 "training against that noise) and validity (rank correlation with ground-truth F1 / MCC across "
+                 "synthetic SAEs of varied quality). Writes OUT/audit.json and OUT/audit.md; `vsae eval`, "
+                 "`vsae compare` and `vsae study` mark failing numbers given --audit OUT/audit.json.")
+    add_config_flags(p, AuditConfig, comma={"metrics": _metrics_note()})
+
+
 def _add_demo(sub) -> None:
     from pipeline.demo import DemoConfig
 
@@ -457,7 +508,7 @@ def _add_serve(sub) -> None:
 
 
 COMMANDS = (_add_build_tiny_model, _add_harvest, _add_synth, _add_train, _add_eval, _add_dashboard, _add_compare,
-            _add_cache_info, _add_runs, _add_study, _add_demo, _add_serve)
+            _add_cache_info, _add_runs, _add_study, _add_audit, _add_demo, _add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,6 +528,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Failures of the input or the environment, reported as one line naming the input and the fix."""
     from activations.cache import CacheError
     from activations.corpus import CorpusError
+    from activations.distributed import DistributedError
     from activations.guard import LockedError
     from activations.models import HookNameError, ModelLoadError
     from dashboards.build import DashboardError
@@ -487,7 +539,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from vsae.trainer import NonFiniteLoss
 
     return (CacheError, CorpusError, HookNameError, ModelLoadError, ValueError, RunError, CheckpointError,
-            NonFiniteLoss, EvalError, DashboardError, LockedError, LabelledSetError, OSError)
+            NonFiniteLoss, EvalError, DashboardError, LockedError, LabelledSetError, OSError, DistributedError)
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,13 +1,25 @@
-"""Run a model over a corpus and cache one hook's activations to disk, resumably."""
+"""Run a model over a corpus and cache one hook's activations to disk, resumably; in one process, or in one
+process per device under torchrun.
+
+Distributed (`harvest(cfg, ranks)`): the shards keep the indices, names and boundaries one process gives them,
+and rank r builds the contiguous block `block_range(n_shards, r, world_size)`, so the cache is the one a single
+process writes. Rank 0 alone holds the cache's lock and writes `manifest.json` (at the start, then once every rank
+is done); each rank lists the shards of its block that are built and verified in its own `progress-rankNNNNN.json`
+as it goes. A rerun after any rank was killed merges those files into the manifest, drops the `.tmp` files of
+shards in flight and rebuilds only what is missing or fails its check, with any number of ranks.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from fnmatch import fnmatch
 from itertools import islice
 from pathlib import Path
 
@@ -26,12 +38,14 @@ from activations.cache import (
     read_manifest,
     stamp_shards,
     update_totals,
+    validate_manifest,
     verify_shard,
     write_json_atomic,
 )
 from activations.checksums import RECORD
 from activations.corpus import CorpusStats, corpus_documents, describe_corpus
 from activations.devices import resolve_device
+from activations.distributed import Ranks, all_gather, block_range, check_agreement, rank_device, settle
 from activations.guard import DirLock, plain_name
 from activations.models import (
     EMBEDDED_MODEL,
@@ -48,6 +62,9 @@ from activations.tokens import pack_contexts
 
 DTYPES = ("float16", "float32")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+PROGRESS_FORMAT = "vsae-harvest-progress"
+PROGRESS_GLOB = "progress-rank*.json"
+COUNT_DOCS = 1024  # documents per round of a distributed harvest's parallel token count (`_token_ends`)
 
 
 @dataclass
@@ -117,55 +134,183 @@ def _layout(cfg: HarvestConfig) -> _Layout:
     return _Layout(rows_per_seq, n_seqs, shard_seqs, math.ceil(n_seqs / shard_seqs))
 
 
-def harvest(cfg: HarvestConfig) -> HarvestSummary:
+def harvest(cfg: HarvestConfig, ranks: Ranks | None = None) -> HarvestSummary:
     """Write (or finish) the cache `cfg.out`; the same config always gives the same cache.
 
     The cache is locked for the whole run: a second harvest into it, or a reader of it, is refused meanwhile.
+    Under torchrun (`ranks` from `activations.distributed.process_group`) every rank runs this with the same
+    settings (checked before any file is touched) and builds the shards of its own block of shard indices
+    (`block_range`), recording them in its progress file; rank 0 holds the lock, and writes the manifest at the
+    start and, once every rank is done, the final one: the same cache as one process would write.
     """
+    ranks = ranks or Ranks()
     _check_config(cfg)
+    if ranks.distributed:
+        check_agreement(_agreed_settings(cfg), ranks, "harvest")
+    device = rank_device(cfg.device, ranks.world_size, ranks.local_rank)
+    cfg = replace(cfg, device=str(device), progress=cfg.progress and ranks.rank == 0)
     out = Path(cfg.out)
-    lock = DirLock(out, "cache")
+    with ExitStack() as held:
+        settle("locking --out", ranks, lambda: ranks.rank == 0 and _lock_out(out, held))
+        return _harvest(cfg, out, ranks)
+
+
+def _lock_out(out: Path, held: ExitStack) -> None:
     try:
-        lock.__enter__()
+        held.enter_context(DirLock(out, "cache"))
     except OSError as e:
         raise CacheError(f"cannot write to --out {out}: {e.strerror or e}; choose a writable directory") from None
-    try:
-        return _harvest(cfg, out)
-    finally:
-        lock.__exit__()
 
 
-def _harvest(cfg: HarvestConfig, out: Path) -> HarvestSummary:
-    _prepare_out_dir(out, cfg.overwrite)
-
+def _harvest(cfg: HarvestConfig, out: Path, ranks: Ranks) -> HarvestSummary:
+    lead = ranks.rank == 0
+    settle("preparing --out", ranks, lambda: lead and _prepare_out_dir(out, cfg.overwrite))
     source = ModelSource(cfg.model, cfg.model_path)
+    model, hook, layer, d_in = settle("loading the model", ranks, lambda: _load(cfg, source))
+    layout = _layout(cfg)
+    started = settle("starting the manifest", ranks, lambda: lead and _begin_manifest(
+        out, cfg, _settings(cfg, source, hook, layout), _model_fields(cfg, model, source, layer, d_in, layout)))
+    manifest = settle("reading the manifest", ranks, lambda: started or _lead_manifest(out, ranks.rank))
+
+    t0 = time.perf_counter()
+    ends = _token_ends(cfg, model.tokenizer, _last_block_start(cfg, layout, ranks), ranks) if ranks.distributed \
+        else None
+    mine = settle("building shards", ranks, lambda: _build_own(model, hook, layer, d_in, cfg, out, manifest,
+                                                                layout, ranks, ends))
+    built = all_gather(mine, ranks)
+    summary = settle("writing the manifest", ranks, lambda: lead and _finish(out, manifest, built, ranks, t0))
+    return all_gather(summary, ranks)[0]
+
+
+def _load(cfg: HarvestConfig, source: ModelSource) -> tuple:
+    """(model, hook name, stop layer, d_in) of the harvest, on its device."""
     model = load_model(source, device=cfg.device, dtype=cfg.model_dtype)
     hook = cfg.hook or default_hook(model)
     check_hook(model, hook)
     layer = stop_layer(model, hook)
-    d_in = _hook_width(model, hook, layer, cfg.device)
-    layout = _layout(cfg)
+    return model, hook, layer, _hook_width(model, hook, layer, cfg.device)
 
-    manifest = _start_manifest(out, _settings(cfg, source, hook, layout), cfg.overwrite)
-    manifest.update(_model_fields(cfg, model, source, layer, d_in, layout))
-    todo = _keep_verified_shards(out, manifest, d_in, cfg.dtype, layout.n_shards)
 
-    t0 = time.perf_counter()
-    built_tokens = 0
-    if todo:
-        built_tokens, stats = _build_shards(model, hook, layer, d_in, cfg, out, manifest, layout, todo)
-        manifest["corpus_stats"] = asdict(stats)
+def _agreed_settings(cfg: HarvestConfig) -> dict:
+    """What every rank of a distributed harvest must share: every setting but its device and progress bar, the
+    model and corpus as the manifest describes them (local files by path and content), --out as an absolute
+    path."""
+    agreed = {k: v for k, v in asdict(cfg).items() if k not in ("device", "progress", "model", "model_path")}
+    agreed.update(out=str(Path(cfg.out).absolute()), model=ModelSource(cfg.model, cfg.model_path).describe(),
+                  corpus=describe_corpus(cfg.corpus))
+    return agreed
+
+
+def _begin_manifest(out: Path, cfg: HarvestConfig, settings: dict, model_fields: dict) -> dict:
+    """Rank 0 (or the one process): the manifest to resume from, with the shards that the progress files of a
+    killed distributed run list merged in (verified later, by the rank that owns each), written before any rank
+    builds; the progress files are then removed."""
+    manifest = _start_manifest(out, settings, cfg.overwrite)
+    manifest.update(model_fields)
+    listed = {e["index"]: e for e in manifest["shards"]}
+    progress = sorted(out.glob(PROGRESS_GLOB))
+    for path in progress:
+        listed.update({e["index"]: e for e in _progress_shards(path, manifest)})
+    manifest["shards"] = [listed[i] for i in sorted(listed)]
+    update_totals(manifest)
+    write_json_atomic(out / MANIFEST, manifest)
+    for path in progress:
+        path.unlink()
+    return manifest
+
+
+def _lead_manifest(out: Path, rank: int) -> dict:
+    """The manifest rank 0 has just written, as another rank reads it."""
+    if not (out / MANIFEST).is_file():
+        raise CacheError(f"rank {rank} sees no {MANIFEST} in {out}, which rank 0 has written; --out must be one "
+                         f"directory that every node shares (a shared filesystem)")
+    return read_manifest(out)
+
+
+def _build_own(model, hook: str, layer: int | None, d_in: int, cfg: HarvestConfig, out: Path, manifest: dict,
+               layout: _Layout, ranks: Ranks, ends: np.ndarray | None) -> tuple[int, int, dict | None]:
+    """Verify this rank's listed shards (bad ones are rebuilt) and build its missing ones (`ends`: `_token_ends`);
+    returns (rows built, shards built, the statistics of the text read or None)."""
+    own = block_range(layout.n_shards, ranks.rank, ranks.world_size)
+    listed = [e for e in manifest["shards"] if e["index"] in own]
+    done = _verified_shards(out, {"shards": listed}, d_in, cfg.dtype)
+    if ranks.distributed:  # every rank records its own shards; rank 0 lists them all at the end (`_finish`)
+        doc = {"format": PROGRESS_FORMAT, "rank": ranks.rank, "world_size": ranks.world_size,
+               "settings": manifest["settings"], "shards": []}
+        path = out / progress_file(ranks.rank)
+    else:
+        doc, path = manifest, out / MANIFEST
+    doc["shards"] = [done[i] for i in sorted(done)]
+    update_totals(doc)
+    write_json_atomic(path, doc)
+    todo = [i for i in own if i not in done]
+    if not todo:
+        return 0, 0, None
+    rows = (min(own.stop * layout.shard_seqs, layout.n_seqs) - own.start * layout.shard_seqs) * layout.rows_per_seq
+    built_tokens, stats = _build_shards(model, hook, layer, d_in, cfg, out, (doc, path), layout, todo, rows,
+                                        (own.start, ends))
+    return built_tokens, len(todo), asdict(stats)
+
+
+def _finish(out: Path, manifest: dict, built: list[tuple[int, int, dict | None]], ranks: Ranks,
+            t0: float) -> HarvestSummary:
+    """Rank 0 (or the one process): list every shard, complete the manifest, and record the checksums."""
+    progress = [out / progress_file(r) for r in range(ranks.world_size)] if ranks.distributed else []
+    if progress:
+        manifest["shards"] = sorted((e for path in progress for e in _rank_shards(path, manifest)),
+                                    key=lambda e: e["index"])
+        manifest["harvest"]["world_size"] = ranks.world_size
+    if len(manifest["shards"]) != manifest["n_shards"]:
+        raise CacheError(f"{out}: {len(manifest['shards'])} of {manifest['n_shards']} shards were built; rerun the "
+                         f"same `vsae harvest` command to finish it")
+    stats = [s for _, _, s in built if s is not None]
+    if stats:
+        manifest["corpus_stats"] = stats[-1]  # the last rank that read text read the furthest
     manifest["complete"] = True
     update_totals(manifest)
     write_json_atomic(out / MANIFEST, manifest)
     stamp_shards(out, manifest)  # every listed shard was hashed in this run: its first reader need not
+    for path in progress:
+        path.unlink()
     seconds = time.perf_counter() - t0
+    built_tokens = sum(t for t, _, _ in built)
     return HarvestSummary(
         out=str(out), tokens=manifest["total_tokens"], shards=len(manifest["shards"]),
-        built_shards=len(todo),
+        built_shards=sum(n for _, n, _ in built),
         bytes=sum((out / e[k]).stat().st_size for e in manifest["shards"] for k in ("file", "tokens_file")),
         seconds=seconds, tokens_per_second=built_tokens / max(seconds, 1e-9),
     )
+
+
+def progress_file(rank: int) -> str:
+    """The file in which rank `rank` of a distributed harvest lists the shards of its block that are built."""
+    return f"progress-rank{rank:05d}.json"
+
+
+def _progress_shards(path: Path, manifest: dict) -> list[dict]:
+    """The shard entries a progress file lists, checked as a manifest's are; [] (with a warning) for one that is
+    damaged or made with other settings: its shards are then rebuilt."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict) or doc.get("format") != PROGRESS_FORMAT:
+            raise CacheError(f"{path}: not a {PROGRESS_FORMAT} file")
+        if doc.get("settings") != manifest["settings"]:
+            raise CacheError(f"{path}: made with other settings than {MANIFEST}")
+        candidate = {**manifest, "shards": doc.get("shards"), "complete": False}
+        update_totals(candidate)
+        validate_manifest(candidate, path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, CacheError) as e:
+        tqdm.write(f"{path.name}: {e}; ignoring it (its shards are rebuilt)", file=sys.stderr)
+        return []
+    return candidate["shards"]
+
+
+def _rank_shards(path: Path, manifest: dict) -> list[dict]:
+    """At the end of a distributed harvest, the shards one rank built or verified."""
+    if not path.is_file():
+        raise CacheError(f"{path} is missing: rank 0 does not see the progress file its peer wrote; --out must "
+                         f"be one directory that every node shares (a shared filesystem)")
+    return _progress_shards(path, manifest)
 
 
 def _settings(cfg: HarvestConfig, source: ModelSource, hook: str, layout: _Layout) -> dict:
@@ -196,26 +341,24 @@ def _model_fields(cfg: HarvestConfig, model, source: ModelSource, layer: int | N
     )
 
 
-def _keep_verified_shards(out: Path, manifest: dict, d_in: int, dtype: str, n_shards: int) -> list[int]:
-    """List only the shards that verify, write that manifest, and return the indices of the shards to build."""
-    done = _verified_shards(out, manifest, d_in, dtype)
-    manifest["shards"] = [done[i] for i in sorted(done)]
-    update_totals(manifest)
-    write_json_atomic(out / MANIFEST, manifest)
-    return [i for i in range(n_shards) if i not in done]
-
-
-def _build_shards(model, hook: str, layer: int | None, d_in: int, cfg: HarvestConfig, out: Path, manifest: dict,
-                  layout: _Layout, todo: list[int]) -> tuple[int, CorpusStats]:
-    """Forward and commit the shards in `todo`; returns the rows built and the statistics of the text read."""
+def _build_shards(model, hook: str, layer: int | None, d_in: int, cfg: HarvestConfig, out: Path,
+                  ledger: tuple[dict, Path], layout: _Layout, todo: list[int], rows: int,
+                  begin: tuple[int, np.ndarray | None] = (0, None)) -> tuple[int, CorpusStats]:
+    """Forward and commit the shards in `todo`, each recorded in `ledger` (the manifest, or this rank's progress
+    file: the document and its path) once written; `rows` is the progress bar's total. The text is read from the
+    shard `begin[0]` on (`begin[1]`: `_token_ends`, needed unless that is shard 0). Returns the rows built and the
+    statistics of the text read."""
+    doc, path = ledger
     stats = CorpusStats()
+    start, ends = begin
     # Tokenization runs a few shards ahead in a thread, overlapped with the forward.
     contexts = background(
-        pack_contexts(corpus_documents(cfg.corpus, stats), model.tokenizer, cfg.context),
+        _contexts_from(corpus_documents(cfg.corpus, stats), model.tokenizer, cfg.context, start * layout.shard_seqs,
+                       ends),
         depth=4 * layout.shard_seqs, name="vsae-tokenize",
     )
     bar = tqdm(
-        total=layout.n_seqs * layout.rows_per_seq, initial=sum(e["n_tokens"] for e in manifest["shards"]),
+        total=rows, initial=sum(e["n_tokens"] for e in doc["shards"]),
         unit="tok", unit_scale=True, desc=f"harvest {hook}", disable=not cfg.progress, smoothing=0.1,
     )
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vsae-commit")  # checksums, fsyncs
@@ -226,12 +369,12 @@ def _build_shards(model, hook: str, layer: int | None, d_in: int, cfg: HarvestCo
     built_tokens = 0
     try:
         with torch.no_grad(), model.hooks(fwd_hooks=[(hook, grab)]):
-            for index, first, seqs in _shard_contexts(contexts, cfg, layout, todo):
+            for index, first, seqs in _shard_contexts(contexts, cfg, layout, todo, start):
                 shard = _run_shard(model, grab, layer, cfg, out, index, first, seqs, d_in, bar, copies)
                 copies.drain()  # every row of the shard is in its memmap before it is committed
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(_commit_shard, shard, manifest, out)
+                pending = writer.submit(_commit_shard, shard, doc, path)
                 built_tokens += shard.n_rows
         if pending is not None:
             pending.result()
@@ -245,13 +388,14 @@ def _build_shards(model, hook: str, layer: int | None, d_in: int, cfg: HarvestCo
 
 
 def _shard_contexts(contexts: Iterator[np.ndarray], cfg: HarvestConfig, layout: _Layout,
-                    todo: list[int]) -> Iterator[tuple[int, int, list[np.ndarray]]]:
-    """(shard index, first sequence, its sequences) for each shard in `todo`, in order.
+                    todo: list[int], start: int = 0) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    """(shard index, first sequence, its sequences) for each shard in `todo`, in order; `contexts` begin at the
+    first sequence of shard `start`.
 
     The contexts of shards already built are read and dropped, so a resumed shard gets the very sequences it
     would have got in one uninterrupted harvest.
     """
-    for index in range(layout.n_shards):
+    for index in range(start, max(todo, default=-1) + 1):  # no text past the last shard to build is read
         first = index * layout.shard_seqs
         n = min(layout.shard_seqs, layout.n_seqs - first)
         seqs = list(islice(contexts, n))
@@ -264,6 +408,63 @@ def _shard_contexts(contexts: Iterator[np.ndarray], cfg: HarvestConfig, layout: 
                 f"--tokens {cfg.tokens} needs; lower --tokens or add text"
             )
         yield index, first, seqs
+
+
+def _last_block_start(cfg: HarvestConfig, layout: _Layout, ranks: Ranks) -> int:
+    """The first token, in the corpus's token stream, of the last rank's block of shards: how far ranks count."""
+    shard = block_range(layout.n_shards, ranks.world_size - 1, ranks.world_size).start
+    return shard * layout.shard_seqs * (cfg.context - 1)
+
+
+def _token_ends(cfg: HarvestConfig, tokenizer, need: int, ranks: Ranks) -> np.ndarray:
+    """Where each (non-empty) document's tokens end in the corpus's token stream (its tokens and the EOS after
+    them, as `pack_contexts` joins them), until they reach token `need` or the corpus ends (a collective).
+
+    Counted in parallel: each round, rank r tokenizes documents r, r + W, ... of the next COUNT_DOCS and the ranks
+    exchange the counts. With it a rank starts tokenizing at its own block (`_contexts_from`) instead of
+    tokenizing all the text before it: about 2/W of the corpus per rank, not up to all of it.
+    """
+    docs = settle("opening the corpus", ranks, lambda: (d for d in corpus_documents(cfg.corpus) if d))
+    lengths, total, more = [np.zeros(0, dtype=np.int64)], 0, True
+    while total < need and more:
+        batch = settle("reading the corpus", ranks, lambda: list(islice(docs, COUNT_DOCS)))
+        mine = batch[ranks.rank :: ranks.world_size]
+        counts = settle("counting tokens", ranks, lambda mine=mine: [
+            len(ids) + 1 for ids in (tokenizer(mine, add_special_tokens=False)["input_ids"] if mine else [])])
+        lengths.append(np.zeros(len(batch), dtype=np.int64))
+        for r, got in enumerate(all_gather(counts, ranks)):
+            lengths[-1][r :: ranks.world_size] = got
+        total, more = total + int(lengths[-1].sum()), len(batch) == COUNT_DOCS
+    return np.cumsum(np.concatenate(lengths))
+
+
+def _contexts_from(documents: Iterator[str], tokenizer, context: int, first_seq: int,
+                   ends: np.ndarray | None) -> Iterator[np.ndarray]:
+    """`pack_contexts`'s contexts from sequence `first_seq` on, without tokenizing the documents before the one
+    that holds its first token (`ends`: `_token_ends`, counted at least that far; unused when `first_seq` is 0)."""
+    if first_seq == 0:
+        return pack_contexts(documents, tokenizer, context)
+    start = first_seq * (context - 1)
+    d = int(np.searchsorted(ends, start, side="right"))  # the first document ending after token `start`
+    skip = start - (int(ends[d - 1]) if d else 0)
+    if d == len(ends) and skip:
+        return iter(())  # the corpus ends before: `_shard_contexts` names it
+    return pack_contexts(islice((doc for doc in documents if doc), d, None), _SkipTokens(tokenizer, skip), context)
+
+
+class _SkipTokens:
+    """A tokenizer for `pack_contexts` that drops the first `skip` tokens of the stream it makes (all of them in
+    its first document: at most its tokens, its EOS then starts the stream)."""
+
+    def __init__(self, tokenizer, skip: int) -> None:
+        self.tokenizer, self.skip = tokenizer, skip
+        self.bos_token_id, self.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def __call__(self, batch: list[str], **kw) -> dict:
+        ids = list(self.tokenizer(batch, **kw)["input_ids"])
+        if self.skip and ids:
+            ids[0], self.skip = ids[0][self.skip :], 0
+        return {"input_ids": ids}
 
 
 class _Grab:
@@ -352,12 +553,13 @@ def _run_shard(model, grab, layer, cfg, out, index, first, seqs, d_in, bar, copi
     return shard
 
 
-def _commit_shard(shard: ShardWriter, manifest: dict, out: Path) -> None:
-    """Finalise a shard's files, then list it in the manifest (in that order, for crash safety)."""
-    manifest["shards"].append(shard.finalize())
-    manifest["shards"].sort(key=lambda e: e["index"])
-    update_totals(manifest)
-    write_json_atomic(out / MANIFEST, manifest)
+def _commit_shard(shard: ShardWriter, doc: dict, path: Path) -> None:
+    """Finalise a shard's files, then list it in `doc` (the manifest or a progress file) and write that to `path`
+    (in that order, for crash safety)."""
+    doc["shards"].append(shard.finalize())
+    doc["shards"].sort(key=lambda e: e["index"])
+    update_totals(doc)
+    write_json_atomic(path, doc)
 
 
 def _check_config(cfg: HarvestConfig) -> None:
@@ -405,6 +607,7 @@ def _is_cache_file(p: Path) -> bool:
     name = temp_target(p) or p.name.removesuffix(".tmp")
     return p.is_file() and (
         name in (MANIFEST, RECORD) or (name.startswith(("acts-", "tokens-")) and name.endswith(".npy"))
+        or fnmatch(name, PROGRESS_GLOB)
     )
 
 

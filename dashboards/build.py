@@ -43,6 +43,7 @@ from dashboards.html import data_script, figure_data, install_assets, write_text
 from dashboards.index_page import index_row, summary_html, write_index
 from dashboards.run_info import eval_density_histogram, eval_figure_files, eval_tsne_maps, metric_summary
 from dashboards.weights import decoder_neighbours, logit_effects
+from evals.audit import read_audit, read_marks
 from vsae.checkpoint import SAEWeights, read_sae
 from vsae.firing import log10_density_histogram, special_ids, special_mask
 from vsae.outputs import claim, replace_dir
@@ -78,9 +79,13 @@ class DashboardConfig:
         "help": "torch device; auto: CUDA when this machine has it, else CPU"})
     seed: int = field(default=0, metadata={"help": "seed of the uniform samples of firings"})
     progress: bool = field(default=True, metadata={"help": "progress bar"})
+    audit: str | None = field(default=None, metadata={
+        "help": "audit.json from `vsae audit`: the summary marks each metric that failed one of its lenses"})
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
+        if self.audit is not None:
+            read_audit(self.audit)  # a bad file is refused before the scan, not after it
 
 
 def parse_features(spec: str, d_sae: int) -> tuple[torch.Tensor, int | None]:
@@ -175,6 +180,18 @@ class _Scan:
     n_rows: int
 
 
+def _first_rows(columns: list[np.ndarray], n: int) -> np.ndarray:
+    """The first n entries of the shards' columns, reading only the shards that hold them (memory bounded by the
+    scanned rows, not by the cache)."""
+    out, have = [], 0
+    for col in columns:
+        if have >= n:
+            break
+        out.append(np.asarray(col[: n - have]))
+        have += len(out[-1])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
 def _scan(run: Path, cfg: DashboardConfig) -> _Scan:
     """Read the run and the cache, check they belong together, gather the shown latents' statistics."""
     sae, _ = read_sae(run, device=cfg.device)
@@ -187,7 +204,7 @@ def _scan(run: Path, cfg: DashboardConfig) -> _Scan:
         keep = torch.argsort(stats.count, descending=True, stable=True)[:top_density].sort().values
         stats = stats.take(keep)
         latents = stats.latents
-    token_ids = np.concatenate([tk[:, 0] for tk in toks])[:n_rows]
+    token_ids = _first_rows([tk[:, 0] for tk in toks], n_rows)
     return _Scan(run, info, sae, manifest, token_ids, latents, stats, n_rows)
 
 
@@ -252,8 +269,9 @@ def _summary(scan: _Scan, cfg: DashboardConfig, n_dead: int) -> str:
     """The index page's summary: the run, the scan, the last training log line, eval's core and density."""
     info, latents = scan.info, scan.latents
     shown = "all" if latents.numel() == scan.sae.d_sae else f"{latents.numel()} ({cfg.features})"
-    core = metric_summary(info.metrics.get("core") or {})
-    density_eval = metric_summary(info.metrics.get("density") or {})
+    marks = read_marks(read_audit(cfg.audit)) if cfg.audit else None
+    core = metric_summary(info.metrics.get("core") or {}, "core", marks)
+    density_eval = metric_summary(info.metrics.get("density") or {}, "density", marks)
     last_log = info.log[-1] if info.log else {}
     config = info.config()
     headline = ("architecture", "sae.variant", "d_in", "d_sae", "k", "hook_name", "model", "tokens_seen")

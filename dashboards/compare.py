@@ -54,6 +54,7 @@ from dashboards.html import (
 )
 from dashboards.run_info import eval_density_histogram, eval_tsne_maps
 from dashboards.weights import DECODER_COSINE_DEFINITION, best_matches
+from evals.audit import Mark, mark_for, read_audit, read_marks
 from evals.baseline import separated
 from evals.registry import BETTER, GROUPS, N_VALUES, Headline
 from vsae.checkpoint import SAEWeights, read_sae
@@ -85,9 +86,18 @@ class CompareConfig:
     device: str = field(default="auto", metadata={
         "help": "torch device; auto: CUDA when this machine has it, else CPU"})
     progress: bool = field(default=True, metadata={"help": "progress bar"})
+    audit: str | None = field(default=None, metadata={
+        "help": "audit.json from vsae audit: numbers of a metric that failed one of its lenses are marked"})
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
+
+
+def audit_mark(mark: Mark | None) -> str:
+    """The short mark beside a number whose metric failed an audit lens, the reason as its tooltip."""
+    if mark is None:
+        return ""
+    return f' <span class="mark warn audit" title="{esc(mark.title)}">{esc(mark.text)}</span>'
 
 
 @dataclass
@@ -337,11 +347,11 @@ def _cache_note(runs: list[Run]) -> tuple[list[str], str]:
     return tags, warn
 
 
-def _summary_cell(row: HeadlineRow, i: int) -> str:
+def _summary_cell(row: HeadlineRow, i: int, audit: Mark | None = None) -> str:
     v, interval, mark = row.values[i], row.intervals[i], row.marks[i]
     if v is None:
         return '<td class="num muted">n/a</td>'
-    text = fmt(v)
+    text = fmt(v) + audit_mark(audit)
     if interval is not None:
         text += f' <span class="ival">[{fmt(interval[0], 3)}, {fmt(interval[1], 3)}]</span>'
     cls = {BEST: "best", NOT_SIGNIFICANT: "ns"}.get(mark, "")
@@ -396,7 +406,7 @@ def _split_note(runs: list[Run]) -> str:
             " to score each on the held-out sequences common to all.</p>")
 
 
-def _summary_section(runs: list[Run], n: int) -> str:
+def _summary_section(runs: list[Run], n: int, marks: dict | None = None) -> str:
     rows = headline_rows([r.info.metrics for r in runs], n)
     tags, warn = _cache_note(runs)
     head = ["metric", "better", "best run", "significance"] + [
@@ -412,7 +422,8 @@ def _summary_section(runs: list[Run], n: int) -> str:
             best += f" and {len(row.best) - BEST_LISTED} more (tied)"
         best = best or "\u2014"
         better = BETTER.get(row.headline.better or "", "no better direction")
-        cells = "".join(_summary_cell(row, i) for i in range(len(runs)))
+        flag = mark_for(marks or {}, row.group, row.headline.name(n))
+        cells = "".join(_summary_cell(row, i, flag) for i in range(len(runs)))
         body.append(f"<tr><td{title}>{esc(row.headline.title(n))}</td><td>{esc(better)}</td>"
                     f'<td class="bestrun">{best}</td><td class="note">{esc(row.note)}</td>{cells}</tr>')
     present = {row.group for row in rows}
@@ -489,21 +500,23 @@ PAGE_DEFINITIONS = {
 }
 
 
-def _group_table(title: str, rows: list[tuple[str, str, list]], runs: list[Run], open_: bool = True) -> str:
-    """A collapsible metric table: rows of (label, definition, value per run)."""
+def _group_table(title: str, rows: list[tuple[str, str, list]], runs: list[Run], open_: bool = True,
+                 marks: dict[str, Mark] | None = None) -> str:
+    """A collapsible metric table: rows of (label, definition, value per run); `marks` by label (audit)."""
     head = ["metric"] + [esc(_label(r)) for r in runs]
     body = []
     for label, definition, values in rows:
         title_attr = f' title="{esc(definition)}"' if definition else ""
-        body.append(f"<tr><td{title_attr}>{esc(label)}</td>" + "".join(f'<td class="num">{fmt(v)}</td>'
-                                                                       for v in values) + "</tr>")
+        tag = audit_mark((marks or {}).get(label))
+        body.append(f"<tr><td{title_attr}>{esc(label)}</td>" + "".join(
+            f'<td class="num">{fmt(v)}{tag if v is not None else ""}</td>' for v in values) + "</tr>")
     thead = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
     table_html = _wide('<table class="data wide">' + thead + "".join(body) + "</table>")
     return (f'<details class="group"{" open" if open_ else ""}><summary>{esc(title)} '
             f'<span class="muted">({len(rows)} rows)</span></summary>{table_html}</details>')
 
 
-def _metric_section(runs: list[Run], n_density: int) -> str:
+def _metric_section(runs: list[Run], n_density: int, marks: dict | None = None) -> str:
     parts = []
     for group in GROUPS:
         if group.compare_rows is None:
@@ -519,7 +532,9 @@ def _metric_section(runs: list[Run], n_density: int) -> str:
         rows = [(f"{group.name}.{k}",
                  group.definitions.get(k) or group.definitions.get(k.split(".")[0]) or group.definitions.get(
                      group.name) or "", [values.get(k) for values in per_run]) for k in keys]
-        parts.append(_group_table(group.name, rows, runs))
+        flagged = {label: m for label, _, _ in rows
+                   if (m := mark_for(marks or {}, group.name, label.removeprefix(f"{group.name}.")))}
+        parts.append(_group_table(group.name, rows, runs, marks=flagged))
     measured = [r for r in runs if r.density is not None]
     if measured:
         dead = [float((r.density == 0).mean()) if r.density is not None else None for r in runs]
@@ -768,8 +783,12 @@ def _compare(paths: list[str | Path], out: Path, cfg: CompareConfig) -> dict:
     n_density = _densities(measured, cfg.cache, cfg)
 
     figures: list = []
-    answer = _summary_section(runs, cfg.n) + _frontier_section(runs, figures)
-    sections = [_config_section(runs), _metric_section(runs, n_density), _density_section(groups, n_density, figures)]
+    marks = read_marks(read_audit(cfg.audit)) if cfg.audit else {}
+    audit_note = (f'<p class="note">Marked "fails ...": the metric failed that lens of the audit {esc(cfg.audit)} '
+                  "(vsae audit; hover the mark for why).</p>") if marks else ""
+    answer = audit_note + _summary_section(runs, cfg.n, marks) + _frontier_section(runs, figures)
+    sections = [_config_section(runs), _metric_section(runs, n_density, marks),
+                _density_section(groups, n_density, figures)]
     curves = training_curves_figure({_label(r): r.info.log for r in runs if r.info.log})
     if curves is not None:
         figures.append(["fig-curves", figure_data(curves), False])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evals.audit import Mark, mark_for
 from vsae.run import DENSITY_FIGURE, FIGURES_DIR, RunDir, read_json
 
 
@@ -24,15 +25,20 @@ def flat_scalars(d: dict, prefix: str = "", depth: int = 2) -> list[tuple[str, o
     return out
 
 
-def metric_summary(result: dict) -> dict[str, object]:
+def metric_summary(result: dict, group: str = "", marks: dict[tuple[str, str], Mark] | None = None
+                   ) -> dict[str, object]:
     """One eval.json group as a page's summary shows it: its top-level scalars, each with its 95% interval where
     measured, and for each number compared with random SAEs a line saying by how much it beats them and whether
-    the difference is significant (a number that does not separate a trained SAE from a random one says so)."""
+    the difference is significant (a number that does not separate a trained SAE from a random one says so).
+    With an audit's `marks` (`evals.audit.read_marks`) and the group's name, a number whose metric failed a lens
+    is followed by a "KEY audit" line: the mark and why."""
     out: dict[str, object] = {}
     intervals = result.get("intervals") if isinstance(result.get("intervals"), dict) else {}
     for k, v in result.items():
         if isinstance(v, bool | int | float | str) or v is None:
             out[k] = v
+            if marks and (mark := mark_for(marks, group, k)) is not None:
+                out[f"{k} audit"] = f"{mark.text} ({mark.title})"
             pair = intervals.get(k)
             if isinstance(pair, list) and len(pair) == 2:
                 out[f"{k} 95% interval"] = f"[{pair[0]:.4g}, {pair[1]:.4g}]"

@@ -86,10 +86,22 @@ class EvalContext:
 
         return special_token_ids(self.model().tokenizer)
 
+    def sequences(self) -> np.ndarray:
+        """The evaluation split's sequence ids in the order they are scored (`held_sequences`)."""
+        return held_sequences(self.split, int(self.manifest["n_sequences"]), self.cfg.sample_seed)
+
+    def held_rows(self) -> np.ndarray | None:
+        """Global row ids of `sequences()` in order, for the stream pass; None when `sample_seed` is unset (the
+        loader's own split order, as before the field)."""
+        if self.cfg.sample_seed is None:
+            return None
+        per = int(self.manifest["rows_per_sequence"])
+        return (self.sequences()[:, None] * per + np.arange(per)[None, :]).reshape(-1)
+
     def contexts(self) -> torch.Tensor:
-        """The first `ce_contexts` held-out contexts, as token ids [n, context]."""
+        """The first `ce_contexts` held-out contexts (of `sequences()`), as token ids [n, context]."""
         if self._contexts is None:
-            held = self.split.sequences(int(self.manifest["n_sequences"]))
+            held = self.sequences()
             self._contexts = torch.from_numpy(sequence_tokens(self.cfg.cache, held[: self.cfg.ce_contexts]))
         return self._contexts
 
@@ -144,6 +156,18 @@ class EvalContext:
         figure = self.figure(run, f"tsne_{name}.html", tsne_map.figure(title or f"{run.name}: t-SNE of {name}"))
         write_json(self.staging[run] / f"tsne_{name}.json", tsne_map.to_json())
         return {"n_points": len(tsne_map.coords), "figure": figure, "coordinates": f"{FIGURES_DIR}/tsne_{name}.json"}
+
+
+def held_sequences(split: EvalSplit, n_total: int, sample_seed: int | None) -> np.ndarray:
+    """The split's sequence ids: in id order, or (with `sample_seed`) in a seeded random order, so that the first n
+    of them are a seeded random subset of the split: the held-out sample `vsae audit` varies between reseeds."""
+    held = split.sequences(n_total)
+    if sample_seed is None:
+        return held
+    return np.random.default_rng([SAMPLE_STREAM, sample_seed]).permutation(held)
+
+
+SAMPLE_STREAM = 16  # keeps the sample's random stream apart from the other seeded draws of an eval
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -13,11 +13,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -28,6 +30,7 @@ from activations.guard import DirLock
 from activations.loader import ActivationLoader
 from activations.models import load_model, source_from_manifest
 from evals import provenance, registry
+from evals.audit import mark_for
 from evals.baseline import attach_bootstrap, attach_unpaired
 from evals.context import EvalContext, EvalError, StreamStats, jsonable, write_json
 from evals.metrics import CoreAccumulator
@@ -75,6 +78,10 @@ class EvalConfig:
     other_cache: bool = field(default=False, metadata={
         "help": "the runs were trained on other data: score them on this whole cache (else a run whose train.json "
                 "names another cache, model or hook is refused)"})
+    sample_seed: int | None = field(default=None, metadata={
+        "help": "draw the streamed rows and the CE contexts from the evaluation split's sequences in an order seeded "
+                "by this, so --tokens and --ce-contexts take a seeded subset of them (`vsae audit` varies it); unset: "
+                "the split's first sequences in id order"})
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -146,7 +153,9 @@ class _NullPlan:
         if self.groups:
             ctx.nulls, ctx.null_of = null_saes(ctx.saes, int(manifest["d_in"]), cfg.null_seeds, ctx.data_mean,
                                                cfg.device)
-        self.store = NullStore(cfg.cache, {"cache_hash": manifest_hash(manifest), "split": split.key()})
+        # Nulls scored on a seeded subset of the split are stored apart (unset: the key as before the field).
+        sampled = {} if cfg.sample_seed is None else {"sample_seed": cfg.sample_seed}
+        self.store = NullStore(cfg.cache, {"cache_hash": manifest_hash(manifest), "split": split.key(), **sampled})
         self.ctx = ctx
         self.stored = {g.name: {k: self.store.get(g.name, k, self._settings(g)) for k in ctx.nulls}
                        for g in self.groups}
@@ -207,7 +216,7 @@ def _data_mean(cfg: EvalConfig, split: provenance.EvalSplit, rows: int = 1 << 16
     if loader.n_tokens == 0:
         loader = ActivationLoader(cfg.cache, rows, shuffle=True, seed=cfg.seed, split="all")
     with loader:
-        x = next(iter(loader))
+        x = torch.from_numpy(loader.sample(rows))  # no permutation of the whole cache: memory bounded by `rows`
     return x.to(torch.float64).mean(dim=0).to(torch.float32)
 
 
@@ -258,7 +267,8 @@ def _stream_pass(ctx: EvalContext, keep: int) -> None:
     kept: dict = {key: [] for key in subjects}
     seen = 0
     bar = tqdm(total=n_rows, unit="tok", unit_scale=True, desc="eval", disable=not cfg.progress)
-    for x, toks in loader:
+    rows = ctx.held_rows()
+    for x, toks in (loader if rows is None else sampled_batches(loader, rows, cfg.batch_size)):
         x = x[~special_mask(toks[:, 0], special)][: n_rows - seen].to(cfg.device)
         for key, sae in subjects.items():
             if key not in ctx.saes and seen >= max(keep, NULL_STREAM_ROWS):
@@ -277,6 +287,14 @@ def _stream_pass(ctx: EvalContext, keep: int) -> None:
     for key in subjects:
         ctx.stream[key] = StreamStats(core[key].result(), fire[key].result(),
                                       torch.cat(kept[key]) if kept[key] else None, core[key].blocks())
+
+
+def sampled_batches(loader: ActivationLoader, rows: np.ndarray, batch_size: int
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(float32 activations, token rows) of the global `rows`, in their order, `batch_size` at a time."""
+    for i in range(0, len(rows), batch_size):
+        acts, toks = loader.gather(rows[i : i + batch_size])
+        yield torch.from_numpy(acts).float(), torch.from_numpy(toks)
 
 
 # --- eval.json and figures/ swapped in together ---------------------------------------------------------------
@@ -335,15 +353,20 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "sae_lens": sae_lens.__version__, "sklearn": sklearn.__version__}
 
 
-def table(results: dict[str, dict]) -> str:
-    """A plain-text table of the headline numbers, one row per run."""
+def table(results: dict[str, dict], marks: dict | None = None) -> str:
+    """A plain-text table of the headline numbers, one row per run. With an audit's `marks`
+    (`evals.audit.read_marks`), a number whose metric failed a lens carries its mark, explained under the table."""
     cols = [(g.name, key, label) for g in registry.GROUPS for label, key in g.columns]
+    flags = {(g, key): m for g, key, _ in cols if (m := mark_for(marks or {}, g, key)) is not None}
     head = ["run"] + [label for _, _, label in cols]
     rows = []
     for run, doc in results.items():
         m = doc["metrics"]
-        rows.append([Path(run).name] + [_fmt((m.get(g) or {}).get(key)) for g, key, _ in cols])
-    return _text_table(head, rows) + _null_lines(results)
+        rows.append([Path(run).name] + [_fmt(v := (m.get(g) or {}).get(key)) + (
+            f" [{flags[(g, key)].text}]" if (g, key) in flags and v is not None else "") for g, key, _ in cols])
+    notes = "".join(f"\n[{mark.text}] {label}: {mark.title}" for g, key, label in cols
+                    if (mark := flags.get((g, key))) is not None)
+    return _text_table(head, rows) + _null_lines(results) + notes
 
 
 def _null_lines(results: dict[str, dict]) -> str:

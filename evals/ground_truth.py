@@ -220,15 +220,15 @@ def ground_truth_metrics(sae: SAEWeights, cache_dir: Path, rows: Tensor, seed: i
     return result
 
 
-def held_out_rows(cache: str | Path, loader_args: dict, n: int) -> np.ndarray:
+def held_out_rows(cache: str | Path, loader_args: dict, n: int, order: np.ndarray | None = None) -> np.ndarray:
     """The first `n` rows (global ids) of an eval split (`EvalSplit.loader_args`), special-token rows dropped as the
-    stream pass drops them."""
+    stream pass drops them; `order`: the split's rows in another order (a seeded sample, `EvalContext.held_rows`)."""
     from activations.loader import ActivationLoader
     from vsae.firing import special_ids, special_mask
 
     with ActivationLoader(cache, 1, shuffle=False, with_tokens=True, **loader_args) as loader:
         special = special_ids(loader.manifest)
-        rows = loader.rows
+        rows = loader.rows if order is None else np.asarray(order)
         if special:
             _, toks = loader.gather(rows)
             rows = rows[~special_mask(torch.from_numpy(toks[:, 0]), special).numpy()]
@@ -237,12 +237,15 @@ def held_out_rows(cache: str | Path, loader_args: dict, n: int) -> np.ndarray:
 
 def ground_truth_group(ctx: Any) -> dict[Path | str, dict]:
     """The `ground_truth` eval group: every SAE the context scores (runs, and the random-SAE nulls it asks for) on
-    the first `tokens` rows of the evaluation split; {} for a cache without ground truth."""
+    the first `tokens` rows of the evaluation split (of its seeded order with `sample_seed`); {} for a cache without
+    ground truth."""
     cache = ctx.cfg.cache
     if not has_ground_truth(cache):
         return {}
     subjects = ctx.subjects() if hasattr(ctx, "subjects") else ctx.saes
-    rows = held_out_rows(cache, ctx.split.loader_args, ctx.cfg.tokens)
+    # With `sample_seed` the rows are the same seeded sample of the split the stream pass reads (the audit's reseeds).
+    order = ctx.held_rows() if hasattr(ctx, "held_rows") else None
+    rows = held_out_rows(cache, ctx.split.loader_args, ctx.cfg.tokens, order)
     if rows.size == 0:
         return {}
     data = GroundTruthData.load(cache, rows)

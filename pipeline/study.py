@@ -38,6 +38,7 @@ from activations.guard import DirLock, plain_name
 from dashboards.assets import CSS
 from dashboards.compare import CompareConfig, compare_runs
 from dashboards.html import esc, page, table
+from evals.audit import mark_for, read_audit, read_marks
 from evals.baseline import separated
 from evals.driver import EvalConfig, evaluate
 from evals.figures import write_figure
@@ -54,7 +55,7 @@ SAE_FIELDS = tuple(f.name for f in fields(SAEConfig))
 TRAIN_SWITCHES = ("steps", "tokens", "lr", "batch_size", "lr_warmup_steps", "seed")  # allowed per run
 # The size-matched arm's variant: the plain TopK SAE, sized to each other variant's alive latents.
 BASELINE = "topk"
-PLAN_KEYS = ("name", "description", "seeds", "train", "eval", "sae", "arm", "size_matched")
+PLAN_KEYS = ("name", "description", "seeds", "train", "eval", "sae", "arm", "size_matched", "audit")
 # Settings that change where or how fast, not what is computed: they may differ on a rerun.
 NOT_PLAN = ("device", "progress", "out", "cache")
 
@@ -89,6 +90,9 @@ class StudyConfig:
     metrics: list[str] | None = field(default=None, metadata={
         "help": "override the plan's eval metrics (unset: the plan's)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+    audit: str | None = field(default=None, metadata={
+        "help": "audit.json from vsae audit: the report and compare page mark numbers of a metric that failed one "
+                "of its lenses (unset: the plan's `audit`, if any)"})
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -482,9 +486,9 @@ def _evaluate_runs(paths: list[Path], ecfg: EvalConfig, cache_hash: str) -> dict
     return {p.name: why for p, why in reasons.items() if why not in (None, "no eval.json")}
 
 
-def _compare(cfg: StudyConfig, runs: list[Path], out_html: Path) -> None:
+def _compare(cfg: StudyConfig, runs: list[Path], out_html: Path, audit: str | None = None) -> None:
     compare_runs([str(r) for r in runs], CompareConfig(cache=cfg.cache, out=str(out_html), device=cfg.device,
-                                                       progress=cfg.progress))
+                                                       progress=cfg.progress, audit=audit))
 
 
 def run_study(cfg: StudyConfig) -> dict:
@@ -525,11 +529,12 @@ def _run_study(cfg: StudyConfig, plan: dict, out: Path, d_in: int, cache_hash: s
         _stage(out, state, "train_size_matched", lambda: _train_runs(matched, cfg, runs_dir))
         _eval_stage(out, state, "eval_size_matched", [runs_dir / s.name for s in matched], ecfg, cache_hash)
     every = specs + matched
+    audit = cfg.audit or plan.get("audit")
     if len(every) > 1:
         _stage(out, state, "compare",
-               lambda: _compare(cfg, [runs_dir / s.name for s in every], out / "compare.html"))
+               lambda: _compare(cfg, [runs_dir / s.name for s in every], out / "compare.html", audit))
     docs = {s.name: json.loads((runs_dir / s.name / EVAL_JSON).read_text()) for s in every}
-    _stage(out, state, "report", lambda: write_report(out, plan, every, docs, state), always=True)
+    _stage(out, state, "report", lambda: write_report(out, plan, every, docs, state, audit), always=True)
     return state
 
 
@@ -683,18 +688,24 @@ def _n_table(specs: list[RunSpec], docs: dict[str, dict]) -> list:
             ("table", (["run", "d_sae", "alive latents", *[f"N={n}" for n in ns]], rows))]
 
 
+# The numbers the report compares with the random-SAE nulls, per group (None: every headline of the group).
+NULL_COLUMNS = {"core": ("ce_score",), "scr": None, "tpp": None, "sparse_probing": None,
+                "ground_truth": ("mcc", "f1")}
+
+
 def null_columns(docs: dict[str, dict]) -> list[tuple[str, str, Headline, int]]:
-    """(column, group, headline, N) of the numbers the report compares with the random-SAE nulls: the CE score
-    and SCR / TPP at every N some run measured."""
+    """(column, group, headline, N) of the numbers the report compares with the random-SAE nulls (NULL_COLUMNS; SCR /
+    TPP at every N some run measured), keeping only those some run has a null comparison for (a synthetic cache
+    has no CE score)."""
     out = []
-    for group in ("core", "scr", "tpp"):
+    for group, keys in NULL_COLUMNS.items():
         results = [d["metrics"][group] for d in docs.values() if isinstance(d["metrics"].get(group), dict)]
-        if not results:
+        if not results or group not in METRIC_GROUPS:
             continue
-        ns = [0] if group == "core" else sorted({n for r in results for n in r.get("n_values", [])})
+        ns = sorted({n for r in results for n in r.get("n_values", [])}) if group in ("scr", "tpp") else [0]
         for h in METRIC_GROUPS[group].headlines:
-            if group != "core" or h.key == "ce_score":
-                out += [(h.title(n), group, h, n) for n in ns]
+            if keys is None or h.key in keys:
+                out += [(h.title(n), group, h, n) for n in ns if any(h.null(r, n) for r in results)]
     return out
 
 
@@ -729,7 +740,7 @@ def _null_sections(specs: list[RunSpec], docs: dict[str, dict]) -> list:
                   "eval's paired bootstrap gives a 95% interval of trained - null mean that excludes 0); no: it "
                   "does not; -: not measured. The number is trained - null mean."),
             ("table", (["run", *[col for col, *_ in columns]], rows)),
-            ("list", lines or ["no random-SAE nulls in these eval results (eval null_seeds = 0): not assessed"])]
+            ("list", lines)]
 
 
 def _fmt_separation(entry: dict | None) -> str:
@@ -756,16 +767,20 @@ def _columns(rows: dict[str, dict]) -> list[str]:
     return cols
 
 
-def write_report(out: Path, plan: dict, specs: list[RunSpec], docs: dict[str, dict], state: dict) -> None:
-    """report.md and report.html (plus figures/METRIC.html against k); no timings, so reruns give the same bytes."""
+def write_report(out: Path, plan: dict, specs: list[RunSpec], docs: dict[str, dict], state: dict,
+                 audit: str | None = None) -> None:
+    """report.md and report.html (plus figures/METRIC.html against k); no timings, so reruns give the same bytes.
+    With an `audit` (audit.json), numbers of a metric that failed a lens carry its mark, explained below the table."""
     rows = {s.name: metric_row(docs[s.name]) for s in specs}
     cols = _columns(rows)
     switches = varying(specs) or ["variant"]
     figures = _figures(out, specs, rows, cols)
     title = f"Study {plan.get('name', Path(out).name)}"
     head = ["run", *switches, *cols]
-    table = [[s.name, *[_fmt(s.switches()[k]) for k in switches], *[_fmt(rows[s.name].get(c)) for c in cols]]
-             for s in specs]
+    flags = column_marks(cols, read_marks(read_audit(audit)) if audit else {})
+    table = [[s.name, *[_fmt(s.switches()[k]) for k in switches],
+              *[_fmt(v := rows[s.name].get(c)) + (f" [{flags[c].text}]" if c in flags and v is not None else "")
+                for c in cols]] for s in specs]
     first = next(iter(docs.values()))
     tokens_line = "Measured: " + "; ".join(measured_on(first["metrics"], first["settings"])) + \
         " (the same for every run)."
@@ -777,6 +792,9 @@ def write_report(out: Path, plan: dict, specs: list[RunSpec], docs: dict[str, di
     skipped = state.get("skipped", []) + state.get("size_matched_skipped", [])
     sections = [("p", plan.get("description", "")), ("p", tokens_line), ("p", seeds_line),
                 ("h2", "Runs (paper-style table)"), ("table", (head, table))]
+    if flags:
+        sections += [("p", f"Marked [fails ...]: the metric failed that lens of the audit {audit} (vsae audit):"),
+                     ("list", [f"{c}: {m.text}: {m.title}" for c, m in flags.items()])]
     sections += _n_table(specs, docs) + _null_sections(specs, docs)
     # Size-matched runs differ from the grid in d_sae alone; their own section compares them.
     sections += _effect_sections(switch_effects([s for s in specs if s.matched_to is None], rows), cols)
@@ -787,6 +805,28 @@ def write_report(out: Path, plan: dict, specs: list[RunSpec], docs: dict[str, di
     sections += [("h2", f"Skipped combinations ({len(skipped)})"), ("list", skipped or ["none"])]
     write_text_atomic(out / "report.md", _markdown(title, sections))
     write_text_atomic(out / "report.html", _html(title, sections))
+
+
+# The report's paper-style columns (evals/registry.py `paper`) that are not `group.key` of the number they show.
+COLUMN_METRICS = {"alive": ("density", "dead_fraction"), "gt_f1": ("ground_truth", "f1"),
+                  "mcc": ("ground_truth", "mcc")}
+
+
+def column_marks(cols: list[str], marks: dict) -> dict:
+    """Report column -> the audit mark of the metric it shows, for the columns whose metric failed a lens."""
+    out = {}
+    for c in cols:
+        task, _, n = c.partition("_")
+        if c in COLUMN_METRICS:
+            keys = [COLUMN_METRICS[c]]
+        elif task in ("scr", "tpp") and n.isdigit():
+            keys = [(task, METRIC_GROUPS[task].headlines[0].name(int(n)))]
+        else:
+            keys = [(g, c) for g in METRIC_GROUPS]
+        found = next((m for g, k in keys if (m := mark_for(marks, g, k)) is not None), None)
+        if found is not None:
+            out[c] = found
+    return out
 
 
 EFFECT_METHOD = ("Δ: the mean over the pairs of runs that differ only in this switch (same seed) of (metric at 'to' "

@@ -17,6 +17,7 @@ from evals.ground_truth import (
     _replicate,
     ground_truth_group,
     ground_truth_metrics,
+    held_out_rows,
     score_sae,
 )
 from evals.null import random_sae
@@ -196,3 +197,35 @@ def test_truth_scores_near_one_and_random_near_chance_through_the_cli(tiny_cache
         assert abs(got[1]["null"][key]["difference"]) < 0.1
     assert got[0]["n_rows"] == 4000 and UNITS not in got[0]
     assert len(got[0]["per_latent"]["f1"]) == 256
+
+
+def test_held_out_rows_follow_a_seeded_order(tiny_cache):
+    """The audit's reseeds vary the rows: with `sample_seed` the group reads the context's seeded order of the split
+    (EvalContext.held_rows), not its first rows."""
+    from types import SimpleNamespace
+
+    from activations.loader import ActivationLoader
+
+    with ActivationLoader(tiny_cache, 1, shuffle=False, split="eval") as loader:
+        split = loader.rows.copy()
+    assert np.array_equal(held_out_rows(tiny_cache, {"split": "eval"}, 50), split[:50])
+    order = np.random.default_rng(0).permutation(split)
+    assert np.array_equal(held_out_rows(tiny_cache, {"split": "eval"}, 50, order), order[:50])
+    seen = {}
+
+    def fake_load(cache, rows):
+        seen["rows"] = rows
+        raise StopIteration
+
+    ctx = SimpleNamespace(cfg=SimpleNamespace(cache=str(tiny_cache), tokens=50, batch_size=64), saes={},
+                          split=SimpleNamespace(loader_args={"split": "eval"}), held_rows=lambda: order)
+    import evals.ground_truth as gt
+
+    original = gt.GroundTruthData.load
+    gt.GroundTruthData.load = fake_load
+    try:
+        with pytest.raises(StopIteration):
+            ground_truth_group(ctx)
+    finally:
+        gt.GroundTruthData.load = original
+    assert np.array_equal(seen["rows"], order[:50])

@@ -107,16 +107,31 @@ class TrainConfig:
         "help": "load the training split onto the training device once, in the cache's dtype, when it takes at "
                 "most this fraction of the device's free memory (CUDA: free GPU memory; CPU: available RAM); "
                 "else batches stream from the cache files. 0: always stream. Either way the batches are the same"})
+    host_data_budget: float = field(default=0.5, metadata={
+        "help": "when streamed, the training split is read by exact random row gathers if it takes at most this "
+                "fraction of available RAM (so the page cache keeps it), else out of core: contiguous 64k-row "
+                "blocks in a seeded random order through a shuffle buffer of 8 blocks. 0: always out of core. A "
+                "resumed run keeps the order it started with"})
     log_every: int = field(default=50, metadata={"help": "steps between log.jsonl lines"})
     checkpoint_every: int = field(default=1000, metadata={"help": "steps between checkpoints"})
+    snapshot_every: int = field(default=0, metadata={
+        "help": "steps between snapshots: a complete, evaluable copy of the run at that step kept in "
+                "RUN/snapshots/step-NNNNNN (for `vsae audit`'s training trajectory); 0: none"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
         budget = self.device_data_budget
+        if isinstance(self.snapshot_every, int) and self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be a number of steps >= 0 (0: no snapshots), got "
+                             f"{self.snapshot_every}")
         if isinstance(budget, int | float) and not isinstance(budget, bool) and not 0 <= budget <= 1:
             raise ValueError(f"device_data_budget must be a fraction of free memory in [0, 1] (0: always stream "
                              f"from the cache), got {budget}")
+        host = self.host_data_budget
+        if isinstance(host, int | float) and not isinstance(host, bool) and not 0 <= host <= 1:
+            raise ValueError(f"host_data_budget must be a fraction of available RAM in [0, 1] (0: always read out "
+                             f"of core), got {host}")
 
     def learning_rate(self, d_sae: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)

@@ -16,16 +16,19 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from activations.cache import manifest_hash, read_manifest
+from activations.distributed import rank_device
 from activations.guard import plain_name
 from activations.loader import ActivationLoader
 from vsae.checkpoint import CheckpointError
@@ -44,8 +47,13 @@ from vsae.run import (
 )
 from vsae.variants import TopKSAE, build_sae, geometric_median
 
+if TYPE_CHECKING:
+    from activations.stream_source import StreamConfig, StreamSource
+
 # Fields that may change between a run and its resumption without changing what is computed.
-RESUMABLE_CHANGES = ("progress", "device", "log_every", "checkpoint_every", "out", "device_data_budget")
+RESUMABLE_CHANGES = ("progress", "device", "log_every", "checkpoint_every", "out", "device_data_budget",
+                     "snapshot_every", "host_data_budget")
+SNAPSHOTS_DIR = "snapshots"  # RUN/snapshots/step-NNNNNN: complete runs at `TrainConfig.snapshot_every` steps
 NO_FAULT = torch.iinfo(torch.int64).max  # `SAEState.fault_step` while every step has been finite
 
 
@@ -124,17 +132,23 @@ def _claimed(paths: list[Path], resume: bool, rank: int, world_size: int) -> Ite
 
 
 def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = False,
-          rank: int = 0, world_size: int = 1, names: list[str] | None = None) -> list[Path]:
-    """Train every SAE of `sae_cfgs` from the same batches; return their run directories."""
-    manifest = read_manifest(train_cfg.cache)
-    d_in = int(manifest["d_in"])
+          rank: int = 0, world_size: int = 1, names: list[str] | None = None,
+          stream: StreamConfig | None = None) -> list[Path]:
+    """Train every SAE of `sae_cfgs` from the same batches; return their run directories. The batches come from
+    the cache `train_cfg.cache`, or with `stream` from the model as it runs (`activations.stream_source`)."""
     device = train_device(train_cfg.device, world_size)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # else every rank opens a context on GPU 0
-    # Batches come in the cache's dtype and are cast where the step runs (`normalise`): no fp32 copy on the host.
-    loader = ActivationLoader(train_cfg.cache, train_cfg.batch_size, split="train", seed=train_cfg.seed,
-                              eval_fraction=train_cfg.eval_fraction, device=device, dtype=None,
-                              device_budget=train_cfg.device_data_budget)
+    if stream is not None:
+        loader = _stream_source(stream, train_cfg, device, world_size)
+        manifest = loader.manifest
+    else:
+        manifest = read_manifest(train_cfg.cache)
+        # Batches come in the cache's dtype and are cast where the step runs (`normalise`): no fp32 copy on the host.
+        loader = ActivationLoader(train_cfg.cache, train_cfg.batch_size, split="train", seed=train_cfg.seed,
+                                  eval_fraction=train_cfg.eval_fraction, device=device, dtype=None,
+                                  device_budget=train_cfg.device_data_budget, host_budget=train_cfg.host_data_budget)
+    d_in = int(manifest["d_in"])
     per_epoch = loader.n_tokens // train_cfg.batch_size
     n_steps = train_cfg.steps or (math.ceil(train_cfg.tokens / train_cfg.batch_size) if train_cfg.tokens
                                   else per_epoch)
@@ -151,17 +165,53 @@ def train(train_cfg: TrainConfig, sae_cfgs: list[SAEConfig], resume: bool = Fals
             "norm_scale": scale, "n_steps": n_steps, "hook_name": manifest["settings"]["hook_name"],
             "model": manifest["settings"]["model"], "context": manifest["settings"]["context"],
             "train_tokens_available": loader.n_tokens, "versions": _versions()}
+    if stream is not None:
+        info.update(loader.info)  # the stream's settings and first-sample size; the cache it writes, if any
 
     paths = run_paths(train_cfg, sae_cfgs, names)
+    info["batch_order"] = _batch_order(loader, paths, resume, world_size)
     with _claimed(paths, resume, rank, world_size):
         states = [_open_state(p, c, train_cfg, info, resume, device, sparse, loader, rank, world_size)
                   for p, c in zip(paths, sae_cfgs, strict=True)]
         start = min(s.step for s in states)
         if start >= n_steps:
             return paths
+        if start > 0 and stream is not None:  # the buffer and stream position saved with the earliest state
+            loader.restore(read_trainer_state(next(s.path for s in states if s.step == start)))
         _loop(states, loader.stream(start, rank=rank, world_size=world_size), start, n_steps, train_cfg, info,
               bf16, rank, world_size)
     return paths
+
+
+def _stream_source(stream: StreamConfig, cfg: TrainConfig, device: torch.device, world_size: int) -> StreamSource:
+    """The model as the data source: enough training rows for the run's --steps / --tokens when they are set."""
+    from activations.stream_source import StreamSource
+
+    B = cfg.batch_size
+    needed = cfg.steps * B if cfg.steps else (math.ceil(cfg.tokens / B) * B if cfg.tokens else None)
+    return StreamSource(stream, B, seed=cfg.seed, eval_fraction=cfg.eval_fraction, device=device,
+                        rows_needed=needed, world_size=world_size)
+
+
+def _batch_order(loader: ActivationLoader, paths: list[Path], resume: bool, world_size: int = 1) -> dict:
+    """The loader's batch order (exact shuffle or out-of-core blocks); a resumed run keeps the one it was saved
+    with (runs saved before it was recorded: exact), whatever the memory budgets would choose on this machine.
+    Under DDP every rank takes rank 0's: their parts of a batch partition it only if all draw the same way."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        box = [loader.batch_order()]
+        dist.broadcast_object_list(box, 0)
+        loader.use_batch_order(box[0])
+    for path in paths if resume else []:
+        if is_run(path):
+            try:
+                saved = (read_run(path).train or {}).get("batch_order") or {"kind": "exact"}
+            except (RunError, CheckpointError, OSError, ValueError, AttributeError):
+                break  # a damaged run: `_restore` says what is wrong with it
+            loader.use_batch_order(saved)
+            break
+    return loader.batch_order()
 
 
 def _loop(states: list[SAEState], batches: Iterator[torch.Tensor], start: int, n_steps: int, cfg: TrainConfig,
@@ -180,7 +230,8 @@ def _loop(states: list[SAEState], batches: Iterator[torch.Tensor], start: int, n
             done = step + 1
             log_now = done % cfg.log_every == 0 or done == n_steps
             save_now = done % cfg.checkpoint_every == 0 or done == n_steps
-            if log_now or save_now:
+            snap_now = cfg.snapshot_every > 0 and done % cfg.snapshot_every == 0
+            if log_now or save_now or snap_now:
                 check_finite(states, world_size)  # before anything is logged or saved
             if log_now:
                 now = time.perf_counter()
@@ -189,15 +240,15 @@ def _loop(states: list[SAEState], batches: Iterator[torch.Tensor], start: int, n
                     s.log.append(_log_line(s, done, cfg, tok_s))
                 bar.set_postfix(_postfix(states[0].log[-1]))
                 t_last, tok_last = now, 0
-            if save_now and rank == 0:
+            if (save_now or snap_now) and rank == 0:
                 for s in states:
-                    _save(s, info, scale, n_steps)
+                    _save(s, info, scale, n_steps, snapshot=snap_now, source=batches)
             bar.update(1)
     except KeyboardInterrupt:
         if rank == 0:
             for s in states:  # keep the work done; a half-applied or non-finite state is not saved
                 if not s.pending and int(s.fault_step) == NO_FAULT:
-                    _save(s, info, scale, n_steps)
+                    _save(s, info, scale, n_steps, source=batches)
         raise
     finally:
         bar.close()
@@ -330,10 +381,7 @@ def noise_seed(seed: int, rank: int, step: int) -> int:
 
 def train_device(name: str, world_size: int = 1, env: Mapping[str, str] | None = None) -> torch.device:
     """The device this process trains on: under DDP a bare "cuda" means this rank's GPU, cuda:LOCAL_RANK."""
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None and world_size > 1:
-        device = torch.device("cuda", int((os.environ if env is None else env).get("LOCAL_RANK", 0)))
-    return device
+    return rank_device(name, world_size, int((os.environ if env is None else env).get("LOCAL_RANK", 0)))
 
 
 def window_means(s: SAEState) -> dict[str, float]:
@@ -406,7 +454,8 @@ def _run_info(info: dict, cfg: SAEConfig, train_cfg: TrainConfig, dead_after: in
 def _comparable(run_info: dict) -> dict:
     train = {k: v for k, v in run_info["train"].items() if k not in RESUMABLE_CHANGES}
     return {**{f"sae.{k}": v for k, v in run_info["sae"].items()}, **{f"train.{k}": v for k, v in train.items()},
-            "cache_hash": run_info["cache_hash"], "n_steps": run_info["n_steps"]}
+            # a stream is its settings (its cache's hash is known only once the cache is written)
+            "cache_hash": run_info.get("stream") or run_info["cache_hash"], "n_steps": run_info["n_steps"]}
 
 
 def _restore(s: SAEState, path: Path, info: dict) -> None:
@@ -461,7 +510,10 @@ def _init_b_dec(s: SAEState, loader: ActivationLoader, scale: float, device) -> 
         s.sae.b_dec.copy_(centre)
 
 
-def _save(s: SAEState, info: dict, scale: float, n_steps: int) -> None:
+def _save(s: SAEState, info: dict, scale: float, n_steps: int, snapshot: bool = False, source=None) -> None:
+    """The checkpoint (RUN replaced whole), and with `snapshot` the same files kept as RUN/snapshots/step-NNNNNN,
+    itself written atomically (a resumed run rewrites a snapshot it had passed with the same content). A streaming
+    `source` (the batches) adds its state at the SAE's step: shuffle buffer, stream position, the cache's hash."""
     state = {f"param.{n}": p for n, p in s.sae.named_parameters()}
     for n, p in s.sae.named_parameters():
         st = s.opt.state.get(p)
@@ -477,10 +529,50 @@ def _save(s: SAEState, info: dict, scale: float, n_steps: int) -> None:
     tokens = s.step * s.info["train"]["batch_size"]
     density = s.firing.counts / max(1, tokens)
     run_info = {**s.info, "step": s.step, "tokens_seen": tokens, "complete": s.step >= n_steps}
+    if hasattr(source, "checkpoint"):
+        saved = source.checkpoint(s.step, final=s.step >= n_steps)
+        if saved is None:
+            return  # a state ahead of the stream (a multi-SAE run killed between saves) is unchanged since loaded
+        state.update(saved[0])
+        run_info.update(saved[1])
     meta = {"model_name": info["model"]["name"], "hook_name": info["hook_name"], "context_size": info["context"],
             "dataset_path": info["cache"]}
-    write_run(s.path, weights=s.sae.export(scale), metadata=meta, sparsity=density.float().clamp(0, 1),
-              info=run_info, state=state, log_lines=s.log)
+    files = dict(weights=s.sae.export(scale), metadata=meta, sparsity=density.float().clamp(0, 1), info=run_info,
+                 state=state, log_lines=s.log)
+    _put_back_snapshots(s.path)
+    home = s.path / SNAPSHOTS_DIR
+    if home.is_dir():  # the swap keeps only what the checkpoint writes: the snapshots wait beside the run
+        os.replace(home, _snapshots_aside(s.path))
+    try:
+        write_run(s.path, **files)
+    finally:
+        _put_back_snapshots(s.path)
+    if snapshot:
+        write_run(snapshot_path(s.path, s.step), **files)
+
+
+def snapshot_path(run: Path, step: int) -> Path:
+    """Where the snapshot of `run` at `step` lives."""
+    return Path(run) / SNAPSHOTS_DIR / f"step-{step:06d}"
+
+
+def _snapshots_aside(run: Path) -> Path:
+    return run.with_name(f".{run.name}.{SNAPSHOTS_DIR}")
+
+
+def _put_back_snapshots(run: Path) -> None:
+    """Move the snapshots set aside during a checkpoint swap back into the run (also what a kill between the two
+    renames left), keeping any snapshot written since."""
+    aside, home = _snapshots_aside(run), run / SNAPSHOTS_DIR
+    if not aside.is_dir() or not run.is_dir():
+        return
+    if not home.exists():
+        os.replace(aside, home)
+        return
+    for p in aside.iterdir():
+        if not (home / p.name).exists():
+            os.replace(p, home / p.name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _saved_step(path: Path) -> int:
