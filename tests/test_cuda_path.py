@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from tests.crash import crash_at, restore
 from tests.synthetic import planted_features, synthetic_cache
 from vsae.config import SAEConfig, TrainConfig
 from vsae.trainer import NO_FAULT, fresh_state, noise_seed, train, train_device, update_step, window_means
@@ -80,7 +81,7 @@ def test_cuda_choice_trains_end_to_end_on_the_cpu_and_resumes_exactly(tmp_path, 
     monkeypatch.setattr(tr, "update_step", crash_at_7)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(resumed, [cfg])
-    monkeypatch.setattr(tr, "update_step", real)
+    restore(monkeypatch, real)
     train(resumed, [cfg], resume=True)
     a = load_file(str(straight / "trainer_state.safetensors"))
     b = load_file(str(tmp_path / "b" / "trainer_state.safetensors"))
@@ -171,21 +172,13 @@ def _tcfg(cache, out, **kw):
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("own", VARIANT_SWITCHES, ids=_label)
 def test_cuda_every_variant_trains_and_resumes_like_a_straight_run(tmp_path, gpu_cache, monkeypatch, own, sparse):
-    import vsae.trainer as tr
 
     cfg = SAEConfig(d_sae=64, k=4, dead_after=512, **own)
     [straight] = train(_tcfg(gpu_cache, tmp_path / "straight", sparse=sparse), [cfg])
-    real = tr.update_step
-
-    def crash_at_13(s, x, step, *a):
-        if step == 13:
-            raise RuntimeError("simulated kill")
-        real(s, x, step, *a)
-
-    monkeypatch.setattr(tr, "update_step", crash_at_13)
+    real = crash_at(monkeypatch, 13)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(_tcfg(gpu_cache, tmp_path / "resumed", sparse=sparse), [cfg])
-    monkeypatch.setattr(tr, "update_step", real)
+    restore(monkeypatch, real)
     train(_tcfg(gpu_cache, tmp_path / "resumed", sparse=sparse), [cfg], resume=True)
     info = json.loads((straight / "train.json").read_text())
     assert info["complete"] and info["train"]["device"].startswith("cuda")

@@ -19,6 +19,7 @@ from activations.models import HookNameError
 from activations.stream_source import StreamConfig, StreamSource, draw_slots, fill_slots, stream_tokens_for
 from cli import main
 from evals.provenance import check_runs, choose_split
+from tests.crash import crash_at, restore
 from tests.test_harvest import cache_arrays
 from vsae.config import SAEConfig, TrainConfig
 from vsae.run import read_run
@@ -117,22 +118,13 @@ def test_resume_after_a_crash_equals_a_straight_run(tmp_path, tiny_checkpoint, t
     --cache-out the two runs write is the same too."""
     straight = train(tcfg(tmp_path / "straight"), [SAE],
                      stream=scfg(tiny_checkpoint, text_corpus, cache_out=str(tmp_path / "c1")))[0]
-    import vsae.trainer as tr
-
-    real = tr.update_step
-
-    def crash_at_13(s, x, step, *a):
-        if step == 13:
-            raise RuntimeError("simulated kill")
-        real(s, x, step, *a)
-
-    monkeypatch.setattr(tr, "update_step", crash_at_13)
+    real = crash_at(monkeypatch, 13)
     stream = scfg(tiny_checkpoint, text_corpus, cache_out=str(tmp_path / "c2"))
     with pytest.raises(RuntimeError, match="simulated"):
         train(tcfg(tmp_path / "resumed"), [SAE], stream=stream)
     saved = state(tmp_path / "resumed")
     assert int(saved["stream.step"]) == 10 and saved["stream.buffer"].shape == (512, 32)
-    monkeypatch.setattr(tr, "update_step", real)
+    restore(monkeypatch, real)
     train(tcfg(tmp_path / "resumed"), [SAE], stream=stream, resume=True)
     assert_same_state(straight, tmp_path / "resumed")
     for a, b in zip(cache_arrays(tmp_path / "c1"), cache_arrays(tmp_path / "c2"), strict=True):
