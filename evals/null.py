@@ -54,7 +54,8 @@ def null_saes(saes: dict, d_in: int, n_seeds: int, b_dec: Tensor, device: str | 
     return nulls, null_of
 
 
-NULL_VERSION = 2  # bump when the null SAE or a null-aware group's computation changes: old stored results then miss
+# 3: the data mean (the nulls' b_dec) is drawn by `loader.sample`, not a permutation of the whole split.
+NULL_VERSION = 3  # bump when the null SAE or a null-aware group's computation changes: old stored results then miss
 STORE_DIR = ".vsae-null"
 
 
