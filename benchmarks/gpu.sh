@@ -8,6 +8,7 @@
 #   env       GPU name, torch and CUDA versions
 #   install   wheels carried in .whl (what the machine's torch image lacks: sae-lens, transformer-lens, ...)
 #   tests     the `cuda`-marked tests (trainer, loader, harvest)
+#   topk      benchmarks/topk_candidates.py: encoder + TopK eager fp32, bf16, torch.compile, fused Triton kernel
 #   train     benchmarks/train.py --device cuda: vsae vs SAELens (and sparsify) step, sampled vSAE, 4 SAEs in one
 #             pass, and `vsae train` end to end from a float16 cache (split in GPU memory, and streamed)
 #   harvest   benchmarks/harvest.py on a random Pythia-70M-shaped model, bf16 forward, to disk
@@ -65,6 +66,11 @@ fi
 
 step tests 90 "" $PY -m pytest -q -p no:cacheprovider -m cuda -x tests/test_cuda_path.py tests/test_loader.py \
   tests/test_harvest.py
+
+# The encoder + TopK candidates side by side (ms per call, ratio to eager fp32); the JSON is written per candidate.
+if [ "$DRY" = 1 ]; then TOPK_SHAPE=256,32,512,16; else TOPK_SHAPE=16384,512,8192,64; fi
+step topk 40 "$WORK/topk.json" $PY benchmarks/topk_candidates.py --device "$DEV" --shape "$TOPK_SHAPE" \
+  --budget-s 25 --json "$WORK/topk.json"
 
 if [ "$DRY" = 1 ]; then
   step train 200 "$WORK/train.json" $PY benchmarks/train.py --device cpu --steps 2 --batch-size 256 \
