@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,11 @@ from activations.distributed import (
 )
 from activations.harvest import HarvestConfig, harvest, progress_file
 from tests.conftest import CORPUS_TEXT
+from tests.ports import free_port
 from tests.test_harvest import HOOK, cache_arrays
 
 ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- pure pieces ------------------------------------------------------------------------------------------------------

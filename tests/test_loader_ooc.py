@@ -10,6 +10,7 @@ import torch
 
 from activations.cache import CacheError, open_shards, write_array_cache
 from activations.loader import ActivationLoader, block_starts, contiguous_runs, rank_share, split_sequences
+from tests.ports import free_port
 
 RPS = 31  # rows per sequence (context 32, BOS dropped)
 OOC = dict(host_budget=0.0, device_budget=0.0, block_rows=100, buffer_blocks=3, dtype=None, eval_fraction=0.1)
@@ -280,11 +281,8 @@ def _rank_worker(rank: int, port: int, cache: str, out: str, results) -> None:
 @pytest.mark.slow  # two spawned processes: ~20 s on the shared CPU
 def test_ddp_ranks_follow_rank_0s_batch_order(tmp_path, cache):
     import multiprocessing
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_worker, args=(r, port, str(cache), str(tmp_path / "r"), results))

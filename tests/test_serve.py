@@ -6,7 +6,6 @@ import asyncio
 import http.client
 import json
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from dashboards.serve_search import dashboard_top_tokens
 from dashboards.steer import Intervention, generate, intervention_delta, intervention_hook, latent_values
 from dashboards.weights import logit_effects
 from evals.splice import log_probs, next_token_ce
+from tests.ports import free_port
 from tests.test_dashboards import HOSTILE_RUN_NAME, hostile_cache, random_sae, save_run
 from tests.test_harvest import HOOK
 
@@ -422,11 +422,6 @@ def test_cli_serve_loads_once_and_binds_loopback(served, monkeypatch):
 
 # ---- over real HTTP ---------------------------------------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.ports import free_port
 from tests.synthetic import planted_features, synthetic_cache
 from vsae.checkpoint import CheckpointError, read_sae
 from vsae.config import SAEConfig, TrainConfig
@@ -326,11 +327,8 @@ def _nan_rank_worker(rank: int, port: int, out: str, results, where: str) -> Non
 def test_distributed_ranks_agree_on_a_non_finite_step(tmp_path, where):
     """One rank's NaN stops every rank with NonFiniteLoss before anyone steps, none waiting in an all_reduce."""
     import multiprocessing
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_nan_rank_worker, args=(r, port, str(tmp_path), results, where)) for r in (0, 1)]
