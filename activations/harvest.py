@@ -543,14 +543,21 @@ def _run_shard(model, grab, layer, cfg, out, index, first, seqs, d_in, bar, copi
     for b in range(0, len(seqs), cfg.batch_size):
         batch = tokens[b : b + cfg.batch_size]
         model((batch.pin_memory() if pin else batch).to(cfg.device, non_blocking=pin), stop_at_layer=layer)
-        lo, hi = b * rows, (b + len(batch)) * rows
-        copies.put(grab.value[:, start:].reshape(-1, d_in), shard.acts[lo:hi])
-        tok_rows = shard.tokens[lo:hi].reshape(len(batch), rows, len(TOKEN_COLUMNS))
-        tok_rows[:, :, 0] = batch[:, start:].numpy()
-        tok_rows[:, :, 1] = (first + b + np.arange(len(batch), dtype=np.int32))[:, None]
-        tok_rows[:, :, 2] = positions[None, :]
-        bar.update(hi - lo)
+        put_rows(copies, shard, b * rows, grab.value[:, start:], batch, first + b, positions)
+        bar.update(len(batch) * rows)
     return shard
+
+
+def put_rows(copies: HostCopies, shard: ShardWriter, lo: int, acts: torch.Tensor, batch: torch.Tensor,
+             first_seq: int, positions: np.ndarray) -> None:
+    """One forward batch into a shard from row `lo`: its kept activations (acts [n, rows, d_in], through `copies`)
+    and their token rows (token id, sequence id from `first_seq`, position), as the cache format lays them out."""
+    n, rows = acts.shape[0], acts.shape[1]
+    copies.put(acts.reshape(-1, acts.shape[2]), shard.acts[lo : lo + n * rows])
+    tok_rows = shard.tokens[lo : lo + n * rows].reshape(n, rows, len(TOKEN_COLUMNS))
+    tok_rows[:, :, 0] = batch[:, batch.shape[1] - rows :].numpy()
+    tok_rows[:, :, 1] = (first_seq + np.arange(n, dtype=np.int32))[:, None]
+    tok_rows[:, :, 2] = positions[None, :]
 
 
 def _commit_shard(shard: ShardWriter, doc: dict, path: Path) -> None:

@@ -26,7 +26,6 @@ import torch
 
 from activations.cache import (
     MANIFEST,
-    TOKEN_COLUMNS,
     CacheError,
     ShardWriter,
     manifest_hash,
@@ -52,6 +51,7 @@ from activations.harvest import (
     _settings,
     _shard_contexts,
     _verified_shards,
+    put_rows,
 )
 from activations.loader import split_sequences
 from activations.models import ModelSource, check_hook, default_hook, load_model, stop_layer
@@ -389,12 +389,7 @@ class _CacheOut:
 
     def put(self, shard: ShardWriter, lo: int, acts: torch.Tensor, batch: torch.Tensor, first_seq: int) -> None:
         """One forward batch's rows (acts [n, rows, d_in]) and token rows into the shard from row `lo`."""
-        n, rows = acts.shape[0], acts.shape[1]
-        self.copies.put(acts.reshape(-1, acts.shape[2]), shard.acts[lo : lo + n * rows])
-        tok_rows = shard.tokens[lo : lo + n * rows].reshape(n, rows, len(TOKEN_COLUMNS))
-        tok_rows[:, :, 0] = batch[:, batch.shape[1] - rows :].numpy()
-        tok_rows[:, :, 1] = (first_seq + np.arange(n, dtype=np.int32))[:, None]
-        tok_rows[:, :, 2] = self.positions[None, :]
+        put_rows(self.copies, shard, lo, acts, batch, first_seq, self.positions)
 
     def commit(self, shard: ShardWriter) -> None:
         self.copies.drain()  # every row is in its memmap before the shard is listed
