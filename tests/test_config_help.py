@@ -11,6 +11,8 @@ from activations.devices import resolve_device
 from cli import _config, add_config_flags, build_parser, field_default, field_help
 
 PACKAGES = ("activations", "vsae", "evals", "dashboards", "pipeline")
+# Modules that need an optional extra (pyproject's `gpu`): skipped where it is not installed. They define no config.
+OPTIONAL = {"triton"}
 # Commands whose flags are generated from config dataclasses (cache-info only reads a directory).
 GENERATED = ("build-tiny-model", "harvest", "train", "eval", "dashboard", "compare", "study", "demo", "serve", "synth")
 
@@ -20,7 +22,12 @@ def _config_classes() -> dict[str, type]:
     found = {}
     for package in PACKAGES:
         for info in pkgutil.iter_modules(importlib.import_module(package).__path__, package + "."):
-            module = importlib.import_module(info.name)
+            try:
+                module = importlib.import_module(info.name)
+            except ModuleNotFoundError as e:
+                if e.name in OPTIONAL:
+                    continue
+                raise
             for name, obj in vars(module).items():
                 if name.endswith("Config") and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__:
                     found[f"{obj.__module__}.{name}"] = obj
