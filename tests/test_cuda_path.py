@@ -296,14 +296,15 @@ def test_multi_sae_pass_from_either_loader_equals_single_runs(tmp_path, budget):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("own", VARIANT_SWITCHES, ids=_label)
-def test_cuda_steps_between_log_steps_never_synchronize(own):
-    """CUDA's own detector: any synchronizing call inside these steps raises."""
+def test_cuda_steps_between_log_steps_never_synchronize(own, sparse):
+    """CUDA's own detector: any synchronizing call inside these steps raises (the dense default and --sparse)."""
     tcfg = TrainConfig(cache="unused", out="unused", steps=8, batch_size=256, lr=1e-3, lr_warmup_steps=1,
                        log_every=8, progress=False, device="cuda")
     x = torch.randn(8, 256, 32, device="cuda")
     s = fresh_state(Path("unused"), SAEConfig(d_sae=128, k=8, dead_after=256, **own), tcfg, 32, 8,
-                    torch.device("cuda"), sparse=False)
+                    torch.device("cuda"), sparse=sparse)
     update_step(s, x[0], 0, 8, tcfg, True, 1)  # the window's first step reads AuxK's candidates
     torch.cuda.set_sync_debug_mode("error")
     try:

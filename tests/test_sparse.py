@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vsae.sparse as sparse
-from vsae.sparse import sparse_decode, sparse_encode, topk_latents
+from vsae.sparse import _check_idx, sparse_decode, sparse_encode, topk_latents
 
 
 def distinct_idx(B: int, d_sae: int, k: int, gen: torch.Generator, hot: tuple[int, ...] = ()) -> torch.Tensor:
@@ -238,3 +238,13 @@ def test_topk_latents_matches_topk_of_relu():
     torch.testing.assert_close(sparse_decode(idx, vals, W_dec), sparse_decode(ref_idx, ref_vals, W_dec))
     vals2, idx2 = topk_latents(pre, 8)
     assert torch.equal(idx, idx2) and torch.equal(vals, vals2)
+
+
+def test_id_check_reads_nothing_back_from_a_gpu():
+    """On a GPU the range check is a device-side assert: under fake CUDA tensors any read-back would raise."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        idx = torch.randint(0, 32, (10, 4), device="cuda")
+        assert _check_idx(idx, 32).shape == (10, 4)
+        assert _check_idx(idx.int(), 32).dtype == torch.long

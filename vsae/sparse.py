@@ -79,7 +79,12 @@ def _check_idx(idx: Tensor, d_sae: int) -> Tensor:
     # The CSR patterns skip invariant checks, so an out-of-range id would read out of bounds instead of raising.
     if idx.dim() != 2:
         raise ValueError(f"idx must be [B, k], got shape {tuple(idx.shape)}")
-    if idx.numel():
+    if idx.numel() and idx.device.type != "cpu":
+        # Reading the bounds back would wait for the device every step: a device-side assert raises at the next
+        # sync instead (a CUDA assert names no values, so the message says which bounds).
+        lo, hi = torch.aminmax(idx)
+        torch._assert_async((lo >= 0) & (hi < d_sae), f"latent ids must lie in [0, {d_sae})")
+    elif idx.numel():
         lo, hi = (int(v) for v in torch.aminmax(idx))
         if lo < 0 or hi >= d_sae:
             raise IndexError(f"latent ids must lie in [0, {d_sae}), got [{lo}, {hi}]")
