@@ -295,3 +295,10 @@ def test_ddp_ranks_follow_rank_0s_batch_order(tmp_path, cache):
         for p in procs:
             p.join(timeout=30)
     assert got == {0: "block", 1: "block"}
+    # the blocks were dealt to 2 ranks: a resume by one process would reorder the batches still to come
+    import vsae.trainer as tr
+    from vsae.config import SAEConfig
+    from vsae.run import RunError
+
+    with pytest.raises(RunError, match="drawn for 2 process"):
+        tr.train(tcfg(cache, tmp_path / "r", steps=8), [SAEConfig(d_sae=16, k=2)], resume=True)

@@ -209,9 +209,18 @@ def _batch_order(loader: ActivationLoader, paths: list[Path], resume: bool, worl
                 saved = (read_run(path).train or {}).get("batch_order") or {"kind": "exact"}
             except (RunError, CheckpointError, OSError, ValueError, AttributeError):
                 break  # a damaged run: `_restore` says what is wrong with it
+            drawn_for = int(saved.get("world_size", 1))
+            if saved["kind"] == "block" and drawn_for != world_size:
+                # Out-of-core blocks are dealt to ranks: another world size reorders the batches still to come.
+                raise RunError(f"cannot resume {path}: its out-of-core batch order was drawn for {drawn_for} "
+                               f"process(es) and this run has {world_size}; resume it with {drawn_for} (torchrun "
+                               f"--nproc-per-node/--nnodes), or train into a new --out")
             loader.use_batch_order(saved)
             break
-    return loader.batch_order()
+    order = loader.batch_order()
+    if order["kind"] == "block":
+        order["world_size"] = world_size
+    return order
 
 
 def _loop(states: list[SAEState], batches: Iterator[torch.Tensor], start: int, n_steps: int, cfg: TrainConfig,
