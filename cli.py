@@ -310,7 +310,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from evals.driver import runs_table
 
-    print(runs_table(args.root))
+    print(runs_table(args.root, snapshots=args.snapshots))
     return 0
 
 
@@ -459,8 +459,10 @@ def _add_cache_info(sub) -> None:
 def _add_runs(sub) -> None:
     p = _command(sub, "runs", cmd_runs, "list the runs under a directory, with settings and metrics",
                  "List every run directory (vsae or SAELens checkpoint) at or below ROOT as a table: variant, width, "
-                 "k, steps, tokens, hook, and the headline metrics of its eval.json.")
+                 "k, steps, tokens, hook, and the headline metrics of its eval.json. The snapshots a run keeps of "
+                 "itself (--snapshot-every) are counted, and listed with --snapshots.")
     p.add_argument("root", help="directory to search for runs")
+    p.add_argument("--snapshots", action="store_true", help="also list the runs' snapshots (RUN/snapshots/step-N)")
 
 
 def _add_study(sub) -> None:

@@ -39,7 +39,7 @@ from evals.scr_tpp import UNITS
 from vsae.checkpoint import CFG_FILENAME, SAEWeights, read_sae
 from vsae.code import TopKCode
 from vsae.firing import FiringCounter, special_ids, special_mask
-from vsae.run import EVAL_JSON, FIGURES_DIR, read_run
+from vsae.run import EVAL_JSON, FIGURES_DIR, SNAPSHOTS_DIR, read_run
 
 
 @dataclass
@@ -396,12 +396,20 @@ def find_runs(root: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def runs_table(root: str | Path) -> str:
+def is_snapshot(path: Path) -> bool:
+    """Whether `path` is a snapshot a run kept of itself (`TrainConfig.snapshot_every`)."""
+    return path.parent.name == SNAPSHOTS_DIR and (path.parent.parent / CFG_FILENAME).is_file()
+
+
+def runs_table(root: str | Path, snapshots: bool = False) -> str:
     """One line per run under `root`: its key settings and its headline metrics from eval.json ("-" if not
-    evaluated)."""
-    runs = find_runs(root)
+    evaluated). Runs' snapshots are counted, and listed only with `snapshots`."""
+    every = find_runs(root)
+    runs = every if snapshots else [p for p in every if not is_snapshot(p)]
+    hidden = len(every) - len(runs)
+    footer = f"\n({hidden} snapshots of these runs not listed: --snapshots lists them)" if hidden else ""
     if not runs:
-        return f"no runs under {root}"
+        return f"no runs under {root}{footer}"
     cols = [(g.name, key, label) for g in registry.GROUPS for label, key in g.columns]
     head = ["run", *[label for label, _ in RUN_COLUMNS], *[label for _, _, label in cols]]
     rows = []
@@ -411,7 +419,7 @@ def runs_table(root: str | Path) -> str:
         name = str(path.relative_to(root)) if path != Path(root) else path.name
         rows.append([name, *[_fmt(config.get(key)) for _, key in RUN_COLUMNS],
                      *[_fmt((m.get(g) or {}).get(key)) for g, key, _ in cols]])
-    return _text_table(head, rows)
+    return _text_table(head, rows) + footer
 
 
 def _text_table(head: list[str], rows: list[list]) -> str:

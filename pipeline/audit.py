@@ -35,8 +35,8 @@ from evals.registry import GROUPS, METRIC_GROUPS, Headline
 from vsae.checkpoint import SAEWeights, write_sae
 from vsae.config import SAEConfig, TrainConfig
 from vsae.outputs import claim
-from vsae.run import TRAIN_JSON, is_run, read_run
-from vsae.trainer import SNAPSHOTS_DIR, train
+from vsae.run import SNAPSHOTS_DIR, TRAIN_JSON, is_run, read_run
+from vsae.trainer import train
 
 AUDIT_MD = "audit.md"
 MARKER = ".vsae-audit"  # written first, so a rerun knows the directory as an audit in progress

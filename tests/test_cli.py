@@ -233,6 +233,19 @@ def test_runs_lists_runs_with_settings_and_metrics(small_cache, tmp_path, capsys
     assert main(["runs", str(tmp_path / "nothing")]) == 2
 
 
+def test_runs_counts_snapshots_and_lists_them_when_asked(small_cache, tmp_path, capsys):
+    assert main(["train", "--cache", str(small_cache), "--steps", "4", "--batch-size", "64", "--d-sae", "32",
+                 "--k", "2", "--snapshot-every", "2", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["runs", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:-1]] == ["run"]
+    assert lines[-1] == "(2 snapshots of these runs not listed: --snapshots lists them)"
+    assert main(["runs", str(tmp_path), "--snapshots"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names == ["run", "run/snapshots/step-000002", "run/snapshots/step-000004"]
+
+
 def test_device_auto_is_the_default_and_is_printed(small_cache, tmp_path, capsys):
     import torch
 

@@ -39,6 +39,7 @@ STATE_FILE = "trainer_state.safetensors"
 LOG_FILE = "log.jsonl"
 EVAL_JSON = "eval.json"
 FIGURES_DIR = "figures"
+SNAPSHOTS_DIR = "snapshots"  # RUN/snapshots/step-NNNNNN: complete runs at `TrainConfig.snapshot_every` steps
 DENSITY_FIGURE = "density.html"  # in FIGURES_DIR: the eval's log10 density histogram
 
 

@@ -35,6 +35,7 @@ from vsae.checkpoint import CheckpointError
 from vsae.config import SAEConfig, TrainConfig, diff_fields, lr_at
 from vsae.firing import FiringCounter, fired_counts
 from vsae.run import (
+    SNAPSHOTS_DIR,
     STATE_FILE,
     TRAIN_JSON,
     RunError,
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 # Fields that may change between a run and its resumption without changing what is computed.
 RESUMABLE_CHANGES = ("progress", "device", "log_every", "checkpoint_every", "out", "device_data_budget",
                      "snapshot_every", "host_data_budget")
-SNAPSHOTS_DIR = "snapshots"  # RUN/snapshots/step-NNNNNN: complete runs at `TrainConfig.snapshot_every` steps
 NO_FAULT = torch.iinfo(torch.int64).max  # `SAEState.fault_step` while every step has been finite
 
 
