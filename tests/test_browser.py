@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,22 +50,29 @@ def chromium_binary() -> str:
     pytest.skip(f"chromium is missing and `apt-get install -y chromium` failed: {result.stderr.strip()[-300:]}")
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+@contextmanager
+def offline_chromium(profile: Path, allowed: tuple[str, ...]) -> Iterator:
+    """A headless Chromium context (fresh --user-data-dir `profile`) whose requests to anything but the URL
+    prefixes `allowed` are aborted and logged in `context.log` (with failed requests, errors and dialogs)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra: "
                                    "pip install -e '.[test]' -c constraints.txt")
     executable = chromium_binary()
-    profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh --user-data-dir
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(str(profile), executable_path=executable, headless=True,
                                                        args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 900})
         log = {"errors": [], "external": [], "failed": [], "dialogs": []}
-        context.route(re.compile(r"^(?!file:|data:|blob:|about:)"), lambda route: route.abort())
-        context.on("request", lambda r: None if r.url.startswith(LOCAL) else log["external"].append(r.url))
+        context.route(re.compile("^(?!" + "|".join(map(re.escape, allowed)) + ")"), lambda route: route.abort())
+        context.on("request", lambda r: None if r.url.startswith(allowed) else log["external"].append(r.url))
         context.on("requestfailed", lambda r: log["failed"].append(r.url))
         context.log = log
         yield context
         context.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    with offline_chromium(tmp_path_factory.mktemp("chromium-profile"), LOCAL) as context:
+        yield context
 
 
 def new_page(context):

@@ -7,11 +7,9 @@ dashboard's latent page gains "try your own text"; no console errors or uncaught
 request leaves the server's origin. Skips as tests/test_browser.py does where chromium or playwright is missing.
 """
 
-import re
-
 import pytest
 
-from tests.test_browser import ARTIFACTS, CHROMIUM_FLAGS, chromium_binary, new_page
+from tests.test_browser import ARTIFACTS, new_page, offline_chromium
 from tests.test_serve import live, served  # noqa: F401  (pytest fixtures: the app and uvicorn serving it)
 
 expect = None  # playwright's expect, set once playwright is found
@@ -21,25 +19,13 @@ TYPED = "Tom said <b>hi</b> & left <script>alert(1)</script> The quick brown fox
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory, live):  # noqa: F811
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra: "
-                                   "pip install -e '.[test]' -c constraints.txt")
     global expect
-    expect = sync_api.expect
-    executable = chromium_binary()
     origin = f"http://127.0.0.1:{live}"
-    local = (origin + "/", "data:", "blob:", "about:")
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with sync_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(str(profile), executable_path=executable, headless=True,
-                                                       args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 900})
-        log = {"errors": [], "external": [], "failed": [], "dialogs": []}
-        context.route(re.compile(rf"^(?!{re.escape(origin)}/|data:|blob:|about:)"), lambda route: route.abort())
-        context.on("request", lambda r: None if r.url.startswith(local) else log["external"].append(r.url))
-        context.on("requestfailed", lambda r: log["failed"].append(r.url))
-        context.log = log
+    with offline_chromium(tmp_path_factory.mktemp("chromium-profile"),
+                          (origin + "/", "data:", "blob:", "about:")) as context:
+        expect = pytest.importorskip("playwright.sync_api").expect
         context.origin = origin
         yield context
-        context.close()
 
 
 def test_serve_app_in_chromium(browser, served):  # noqa: F811
