@@ -162,3 +162,51 @@ def test_auxk_over_a_candidate_superset_equals_auxk_over_the_dead(sparse):
     sae = build_sae(cfg, 16, torch.Generator().manual_seed(0))
     none_dead = sae.loss_terms(x, 0.5, torch.zeros(64, dtype=torch.bool), None, torch.arange(64)).terms
     assert none_dead["auxk"].item() == 0.0
+
+
+def _auxk_reference(sae, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """AuxK written out densely (Gao et al. 2024, as SAELens's TopK SAE computes it, without its bias in the
+    decode): the top k_aux dead pre-activations of each row, ReLU, decode, squared error to the residual over
+    the residual's variance."""
+    x_in = x - sae.b_dec
+    pre = x_in @ sae.W_enc + sae.b_enc
+    z = torch.zeros_like(pre).scatter(1, pre.detach().topk(sae.k, dim=1).indices, 1.0) * pre.relu()
+    residual = (x - (z @ sae.W_dec + sae.b_dec)).detach()
+    masked = pre.masked_fill(~dead, float("-inf"))
+    top = masked.detach().topk(k_aux, dim=1).indices
+    aux = torch.zeros_like(pre).scatter(1, top, 1.0) * pre.relu() * dead  # where < k_aux are dead, only those
+    variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    return (aux @ sae.W_dec - residual).pow(2).sum(-1).mean() / variance
+
+
+@pytest.mark.parametrize("n_dead", [10, 4], ids=["more-dead-than-k_aux", "fewer"])
+@pytest.mark.parametrize("sparse,n_cand", [(True, 12), (True, 64), (False, 12), (False, 64)],
+                         ids=["sparse-candidates", "sparse-kernels", "dense-candidates", "dense-all"])
+def test_auxk_and_its_gradients_equal_a_dense_reference(sparse, n_cand, n_dead, monkeypatch):
+    """Both AuxK paths (dense products over the candidate columns; the sparse kernels once candidates are many)
+    against the loss written out densely, and its gradients to every parameter."""
+    import vsae.variants as variants
+
+    monkeypatch.setattr(variants, "AUX_DENSE_MAX", 2)  # k_aux 6: 12 candidates -> dense, 64 -> sparse kernels
+    cfg = SAEConfig(d_sae=64, k=4, aux_k_coef=1.0, k_aux=6)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(48, 16, generator=g, dtype=torch.float64)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[2, 5, 11, 20, 33, 41, 47, 50, 58, 63][:n_dead]] = True
+    live = (~dead).nonzero().squeeze(1)
+    # 12 candidates: the dead and some live ones (the trainer's superset), in no particular order
+    candidates = torch.cat([live[:12 - n_dead], dead.nonzero().squeeze(1)]).flip(0) if n_cand == 12 \
+        else torch.arange(64)
+    got, want = (build_sae(cfg, 16, torch.Generator().manual_seed(0)).double() for _ in range(2))
+    with torch.no_grad():
+        for sae in (got, want):
+            sae.b_dec.copy_(torch.randn(16, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    got.sparse = sparse
+    term = got.loss_terms(x, 0.5, dead, None, candidates).terms["auxk"]
+    term.backward()
+    ref = _auxk_reference(want, x, dead, 6)
+    ref.backward()
+    torch.testing.assert_close(term, ref)
+    assert ref > 0.1
+    for (name, a), b in zip(got.named_parameters(), want.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)

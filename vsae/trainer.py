@@ -428,8 +428,10 @@ def fresh_state(path: Path, cfg: SAEConfig, train_cfg: TrainConfig, d_in: int, n
     generator = torch.Generator(device=device)  # the noise is drawn where the latents are
     sae.sparse = sparse
     lr = train_cfg.learning_rate(cfg.d_sae)
+    # The fused kernel is one pass over each parameter where the default is about ten (B 4096, d_sae 8192 on the
+    # 2-core CPU: 5.6 ms against 41 per step); the same update, the same state dict.
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-                           eps=train_cfg.adam_eps)
+                           eps=train_cfg.adam_eps, fused=torch.device(device).type in ("cpu", "cuda"))
     for group in opt.param_groups:
         group["initial_lr"] = lr
     dead_after = cfg.dead_after or min(10_000_000, max(1, n_steps * train_cfg.batch_size // 5))
@@ -495,9 +497,12 @@ def _restore_from(s: SAEState, path: Path, info: dict, saved: dict, state: dict[
         for name, p in s.sae.named_parameters():
             p.copy_(state[f"param.{name}"])
     for name, p in s.sae.named_parameters():
+        # In the parameter's own memory layout (W_enc is stored latent-major): the fused Adam kernel walks
+        # parameter, gradient and moments as flat memory, so moments loaded row-major would be paired with the
+        # wrong elements (tests/test_trainer.py's resume test fails so).
         s.opt.state[p] = {"step": state[f"adam.step.{name}"].clone(),
-                          "exp_avg": state[f"adam.exp_avg.{name}"].to(device),
-                          "exp_avg_sq": state[f"adam.exp_avg_sq.{name}"].to(device)}
+                          "exp_avg": torch.empty_like(p).copy_(state[f"adam.exp_avg.{name}"]),
+                          "exp_avg_sq": torch.empty_like(p).copy_(state[f"adam.exp_avg_sq.{name}"])}
     s.tokens_since_fired.copy_(state["tokens_since_fired"])
     s.firing.counts.copy_(state["fire_count"])
     if "aux_candidates" in state:  # else (runs saved before it was kept) recomputed at the next step

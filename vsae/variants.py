@@ -18,6 +18,10 @@ from vsae.code import TopKCode, encode_topk
 from vsae.config import SAEConfig
 from vsae.sparse import sparse_decode, sparse_encode
 
+# AuxK runs as dense products over its candidate columns while there are at most this many per k_aux picked,
+# through the sparse kernels beyond (the two cross at about 8-9 on the 2-core CPU: benchmarks/auxk_paths.py).
+AUX_DENSE_MAX = 8
+
 
 class TrainingLatents(NamedTuple):
     """A training batch's latents: the k kept values and ids [B, k], the pre-activations, extra loss terms."""
@@ -65,6 +69,7 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.sparse = True  # sparse encode/decode ops (CPU); dense matmuls otherwise (CUDA)
+        self._selection_buf: Tensor | None = None  # see selection_pre
 
     # --- shared pieces -----------------------------------------------------------------
     def encoder_input(self, x: Tensor) -> Tensor:
@@ -73,6 +78,23 @@ class TopKSAE(nn.Module):
     def pre_activations(self, x_in: Tensor) -> Tensor:
         # addmm fuses the bias into the GEMM: a separate add over [B, d_sae] costs a third as much again.
         return torch.addmm(self.b_enc.to(x_in.dtype), x_in, self.W_enc.to(x_in.dtype))
+
+    @torch.no_grad()
+    def selection_pre(self, x_in: Tensor) -> Tensor:
+        """`pre_activations` without gradient, for choosing the TopK (sparse mode), written into a buffer kept
+        from step to step.
+
+        A fresh [B, d_sae] result is new memory on every step, and on the CPU its page faults cost about half as
+        much again as the GEMM (B 4096, d_sae 8192: addmm 216 ms fresh, 157 ms into a kept buffer;
+        benchmarks/train.py). The result is overwritten by the next step's, so nothing may hold it past the step.
+        """
+        shape = (x_in.shape[0], self.cfg.d_sae)
+        if torch.is_autocast_enabled(x_in.device.type):
+            return self.pre_activations(x_in)  # autocast leaves out= variants alone: keep its dtype choice
+        buf = self._selection_buf
+        if buf is None or buf.shape != shape or buf.dtype != x_in.dtype or buf.device != x_in.device:
+            buf = self._selection_buf = x_in.new_empty(shape)
+        return torch.addmm(self.b_enc.to(x_in.dtype), x_in, self.W_enc.to(x_in.dtype), out=buf)
 
     def selected_pre(self, x_in: Tensor, idx: Tensor, pre: Tensor) -> Tensor:
         """Pre-activations of the selected latents, with gradients to the encoder.
@@ -107,8 +129,7 @@ class TopKSAE(nn.Module):
     def training_latents(self, x_in: Tensor, progress: float, generator: torch.Generator | None
                          ) -> TrainingLatents:
         """The latents of a training batch, and the variant's extra loss terms."""
-        with torch.set_grad_enabled(not self.sparse):
-            pre = self.pre_activations(x_in)
+        pre = self.selection_pre(x_in) if self.sparse else self.pre_activations(x_in)
         idx = pre.detach().topk(self.k, dim=1, sorted=False).indices
         vals = self.selected_pre(x_in, idx, pre).relu()
         return TrainingLatents(vals, idx, pre, {})
@@ -148,17 +169,37 @@ class TopKSAE(nn.Module):
         gradient), and with none dead the term is exactly 0.
         """
         k_aux = min(self.k_aux, candidates.numel())
+        cand_dead = dead.index_select(0, candidates)
+        if self.sparse and candidates.numel() > AUX_DENSE_MAX * k_aux:
+            recon = self._aux_recon_sparse(x_in, pre, candidates, cand_dead, k_aux)
+        else:
+            recon = self._aux_recon_candidates(x_in, candidates, cand_dead, k_aux)
+        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+        loss = (recon - residual).pow(2).sum(-1).mean() / variance.clamp_min(1e-12)
+        return torch.where(cand_dead.any(), loss, 0.0)  # not loss * any: a NaN loss would survive the 0
+
+    def _aux_recon_candidates(self, x_in: Tensor, candidates: Tensor, cand_dead: Tensor, k_aux: int) -> Tensor:
+        """AuxK's reconstruction as dense products over the candidate columns only: [B, C] GEMMs instead of
+        B x k_aux sparse dot products, several times faster while C stays within a few k_aux (the usual case:
+        few latents near death), and on a GPU a fraction of a dense [B, d_sae] decode."""
+        pre_c = torch.addmm(self.b_enc.index_select(0, candidates), x_in, self.W_enc.index_select(1, candidates))
         with torch.no_grad():
-            cand_dead = dead.index_select(0, candidates)
+            scores = pre_c.detach().masked_fill(~cand_dead, float("-inf"))
+            top = scores.topk(k_aux, dim=1, sorted=False).indices
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True) & cand_dead
+        code = pre_c.relu() * keep
+        return code @ self.W_dec.index_select(0, candidates).to(code.dtype)
+
+    def _aux_recon_sparse(self, x_in: Tensor, pre: Tensor, candidates: Tensor, cand_dead: Tensor,
+                          k_aux: int) -> Tensor:
+        """AuxK's reconstruction through the sparse kernels (B x k_aux dot products): for many candidates."""
+        with torch.no_grad():
             scores = pre.detach().index_select(1, candidates).masked_fill(~cand_dead, float("-inf"))
             top = scores.topk(k_aux, dim=1, sorted=False).indices
             idx = candidates[top]
             picked_dead = cand_dead[top]  # False only where fewer than k_aux candidates are dead
         vals = self.selected_pre(x_in, idx, pre).relu() * picked_dead
-        recon = self.decode_sparse(idx, vals)
-        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
-        loss = (recon - residual).pow(2).sum(-1).mean() / variance.clamp_min(1e-12)
-        return torch.where(cand_dead.any(), loss, 0.0)  # not loss * any: a NaN loss would survive the 0
+        return self.decode_sparse(idx, vals)
 
     # --- the decoder constraint ----------------------------------------------------------
     @torch.no_grad()
