@@ -210,3 +210,15 @@ def test_auxk_and_its_gradients_equal_a_dense_reference(sparse, n_cand, n_dead, 
     assert ref > 0.1
     for (name, a), b in zip(got.named_parameters(), want.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_selection_pre_equals_the_pre_activations_in_memory_shared_by_every_sae():
+    """The TopK selection's pre-activations go into kept memory (no page faults per step), one block for all the
+    SAEs of a pass, so a sweep's peak memory stays one selection's."""
+    a, b = (build_sae(SAEConfig(d_sae=d, k=4), 16, torch.Generator().manual_seed(d)) for d in (96, 64))
+    x = torch.randn(20, 16)
+    pa = a.selection_pre(x)
+    torch.testing.assert_close(pa, a.pre_activations(x), rtol=0, atol=0)
+    pb = b.selection_pre(x)
+    torch.testing.assert_close(pb, b.pre_activations(x), rtol=0, atol=0)
+    assert pa.data_ptr() == pb.data_ptr() and not pa.requires_grad

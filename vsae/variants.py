@@ -69,7 +69,6 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.sparse = True  # sparse encode/decode ops (CPU); dense matmuls otherwise (CUDA)
-        self._selection_buf: Tensor | None = None  # see selection_pre
 
     # --- shared pieces -----------------------------------------------------------------
     def encoder_input(self, x: Tensor) -> Tensor:
@@ -81,20 +80,17 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def selection_pre(self, x_in: Tensor) -> Tensor:
-        """`pre_activations` without gradient, for choosing the TopK (sparse mode), written into a buffer kept
-        from step to step.
+        """`pre_activations` without gradient, for choosing the TopK (sparse mode), written into memory kept
+        from step to step (`_scratch`).
 
         A fresh [B, d_sae] result is new memory on every step, and on the CPU its page faults cost about half as
-        much again as the GEMM (B 4096, d_sae 8192: addmm 216 ms fresh, 157 ms into a kept buffer;
-        benchmarks/train.py). The result is overwritten by the next step's, so nothing may hold it past the step.
+        much again as the GEMM (B 4096, d_sae 8192: addmm 216 ms fresh, 157 ms into kept memory). The result is
+        overwritten by the next call, of this SAE or another, so nothing may hold it past the step.
         """
-        shape = (x_in.shape[0], self.cfg.d_sae)
         if torch.is_autocast_enabled(x_in.device.type):
             return self.pre_activations(x_in)  # autocast leaves out= variants alone: keep its dtype choice
-        buf = self._selection_buf
-        if buf is None or buf.shape != shape or buf.dtype != x_in.dtype or buf.device != x_in.device:
-            buf = self._selection_buf = x_in.new_empty(shape)
-        return torch.addmm(self.b_enc.to(x_in.dtype), x_in, self.W_enc.to(x_in.dtype), out=buf)
+        out = _scratch((x_in.shape[0], self.cfg.d_sae), x_in.dtype, x_in.device)
+        return torch.addmm(self.b_enc.to(x_in.dtype), x_in, self.W_enc.to(x_in.dtype), out=out)
 
     def selected_pre(self, x_in: Tensor, idx: Tensor, pre: Tensor) -> Tensor:
         """Pre-activations of the selected latents, with gradients to the encoder.
@@ -277,6 +273,19 @@ class VariationalTopKSAE(TopKSAE):
         # deterministic encoder (noise alone would keep dead latents "alive" and hide them from AuxK).
         det_vals, det_idx = pre.detach().topk(self.k, dim=1, sorted=False)
         return TopKCode(det_vals.relu_(), det_idx)
+
+
+_SCRATCH: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A tensor of `shape` over one block of memory per (dtype, device) kept for the process: the SAEs of a
+    multi-SAE pass step one after another, so they share it, and peak memory stays one selection's."""
+    n = shape[0] * shape[1]
+    buf = _SCRATCH.get((dtype, device))
+    if buf is None or buf.numel() < n:
+        _SCRATCH[(dtype, device)] = buf = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
 
 
 def noise_like(mu: Tensor, generator: torch.Generator | None) -> Tensor:
