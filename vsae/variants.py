@@ -74,9 +74,9 @@ class TopKSAE(nn.Module):
     def encoder_input(self, x: Tensor) -> Tensor:
         return x - self.b_dec if self.cfg.pre_bias else x
 
-    def pre_activations(self, x_in: Tensor) -> Tensor:
+    def pre_activations(self, x_in: Tensor, out: Tensor | None = None) -> Tensor:
         # addmm fuses the bias into the GEMM: a separate add over [B, d_sae] costs a third as much again.
-        return torch.addmm(self.b_enc.to(x_in.dtype), x_in, self.W_enc.to(x_in.dtype))
+        return torch.addmm(self.b_enc.to(x_in.dtype), x_in, self.W_enc.to(x_in.dtype), out=out)
 
     @torch.no_grad()
     def selection_pre(self, x_in: Tensor) -> Tensor:
@@ -89,8 +89,7 @@ class TopKSAE(nn.Module):
         """
         if torch.is_autocast_enabled(x_in.device.type):
             return self.pre_activations(x_in)  # autocast leaves out= variants alone: keep its dtype choice
-        out = _scratch((x_in.shape[0], self.cfg.d_sae), x_in.dtype, x_in.device)
-        return torch.addmm(self.b_enc.to(x_in.dtype), x_in, self.W_enc.to(x_in.dtype), out=out)
+        return self.pre_activations(x_in, out=_scratch((x_in.shape[0], self.cfg.d_sae), x_in.dtype, x_in.device))
 
     def selected_pre(self, x_in: Tensor, idx: Tensor, pre: Tensor) -> Tensor:
         """Pre-activations of the selected latents, with gradients to the encoder.
